@@ -1,0 +1,639 @@
+"""Knowledge-base ingestion: source files -> fixed-length passages -> a memory-mapped Arrow dataset.
+
+Supported inputs (chosen by extension, or forced with ``fmt``; a trailing ``.gz`` means gzip):
+
+* ``.csv`` / ``.tsv`` -- a header row with columns ``title`` and ``text`` (optional ``id``);
+* ``.jsonl`` -- one JSON object per line with keys ``title`` and ``text`` (optional ``id``);
+* ``.json`` -- SQuAD format ``{"data": [{"title", "paragraphs": [{"context", "qas"}]}]}``.
+
+Every document (row / SQuAD paragraph) is cut into passages of ``passage_words`` whitespace words
+(the last one may be shorter); each passage keeps its document's title. The resulting dataset has
+the columns of :data:`KB_FEATURES`:
+
+``id``          int64, 0..N-1 in ingestion order (stable across runs for the same inputs)
+``title``       the document title
+``text``        the passage text (words joined by single spaces)
+``doc_id``      the source row's ``id`` if given, else ``"<file stem>:<row index>"`` (0-based index
+                of the record in its file); for SQuAD ``"<article title>:<paragraph index>"``
+``char_start``  character offset of the passage's first word inside the source document text
+
+Bad input raises :class:`~ragtrain.data.errors.DataError` with one line naming the file and row
+(``row N`` is the 1-based line number in the file for CSV/TSV/JSONL). With ``skip_bad_rows=True``
+bad rows are skipped and counted instead; a missing file or column is always an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Generator, Iterable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal, overload
+
+import datasets
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from ragtrain.data.errors import DataError
+
+__all__ = [
+    "KB_COLUMNS",
+    "KB_FEATURES",
+    "KB_FORMATS",
+    "build_kb",
+    "detect_format",
+    "kb_stats",
+    "load_kb",
+    "split_words",
+    "word_spans",
+]
+
+logger = logging.getLogger(__name__)
+
+KB_FORMATS = ("csv", "tsv", "jsonl", "squad")
+KB_COLUMNS = ("id", "title", "text", "doc_id", "char_start")
+KB_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("int64"),
+        "title": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        "doc_id": datasets.Value("string"),
+        "char_start": datasets.Value("int64"),
+    }
+)
+_ARROW_SCHEMA = KB_FEATURES.arrow_schema
+
+_WORD_RE = re.compile(r"\S+")
+# Bytes that are not valid UTF-8 survive decoding with errors="surrogateescape" as lone
+# surrogates U+DC80..U+DCFF, which valid UTF-8 can never produce: that is how a bad row is located.
+_UNDECODABLE_RE = re.compile("[\udc80-\udcff]")
+_UNDECODABLE = "undecodable bytes (file is not valid UTF-8)"
+_BATCH_ROWS = 10_000
+_PROGRESS_MIN_BYTES = 8 << 20
+_PROGRESS_MIN_ROWS = 100_000
+
+
+# ----------------------------------------------------------------------------------------------
+# Small shared helpers (also used by ragtrain.data.qa)
+# ----------------------------------------------------------------------------------------------
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` character spans of the whitespace-separated words of ``text``."""
+    return [m.span() for m in _WORD_RE.finditer(text)]
+
+
+def split_words(text: str, n_words: int) -> list[str]:
+    """Cut ``text`` into consecutive chunks of ``n_words`` whitespace words (joined by one space).
+
+    The last chunk may be shorter; empty or all-whitespace text gives ``[]``.
+    """
+    if n_words < 1:
+        raise ValueError(f"n_words must be >= 1, got {n_words}")
+    words = _WORD_RE.findall(text)
+    return [" ".join(words[i : i + n_words]) for i in range(0, len(words), n_words)]
+
+
+def _chunk(text: str, n_words: int) -> list[tuple[str, int]]:
+    """Like :func:`split_words` but also returns each chunk's first-word character offset."""
+    spans = word_spans(text)
+    out = []
+    for i in range(0, len(spans), n_words):
+        group = spans[i : i + n_words]
+        out.append((" ".join(text[s:e] for s, e in group), group[0][0]))
+    return out
+
+
+def has_undecodable(*values: Any) -> bool:
+    """True if any string in ``values`` holds bytes that were not valid UTF-8 (see ``open_text``)."""
+    return any(isinstance(v, str) and _UNDECODABLE_RE.search(v) for v in values)
+
+
+def strip_compression(path: Path) -> tuple[str, str]:
+    """``(stem, suffix)`` of ``path`` ignoring a trailing ``.gz``: ``kb.jsonl.gz`` -> ``("kb", ".jsonl")``."""
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    p = Path(name)
+    return p.stem, p.suffix.lower()
+
+
+def check_file(path: Path) -> None:
+    """Raise :class:`DataError` unless ``path`` is an existing regular file."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+
+
+def open_text(path: Path, raw: IO[bytes] | None = None) -> io.TextIOWrapper:
+    """Open ``path`` (gzip if it ends in ``.gz``) as UTF-8 text without failing on bad bytes.
+
+    Undecodable bytes become lone surrogates (``errors="surrogateescape"``) so the caller can report
+    the exact row with :func:`has_undecodable`. A UTF-8 BOM is dropped; newlines are not translated
+    (``newline=""``, as the csv module requires).
+    """
+    binary: IO[bytes] = raw if raw is not None else open(path, "rb")  # noqa: SIM115
+    if path.name.lower().endswith(".gz"):
+        binary = gzip.GzipFile(fileobj=binary, mode="rb")  # type: ignore[assignment]
+    return io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def detect_format(path: str | Path, fmt: str | None = None) -> str:
+    """The KB format of ``path``: ``fmt`` if given, else from the extension (``.gz`` ignored)."""
+    path = Path(path)
+    if fmt is not None:
+        if fmt not in KB_FORMATS:
+            raise DataError(f"{path}: unknown format {fmt!r} (expected one of {', '.join(KB_FORMATS)})")
+        return fmt
+    suffix = strip_compression(path)[1]
+    by_suffix = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "squad"}
+    if suffix not in by_suffix:
+        raise DataError(
+            f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; "
+            f"use .csv/.tsv/.jsonl/.json[.gz] or pass fmt= one of {', '.join(KB_FORMATS)}"
+        )
+    return by_suffix[suffix]
+
+
+class _Progress:
+    """Byte-based progress over the raw (possibly compressed) file; silent for small files."""
+
+    def __init__(self, path: Path, raw: IO[bytes]) -> None:
+        size = path.stat().st_size
+        self._raw = raw
+        self._done = 0
+        self._bar = tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"reading {path.name}",
+            disable=size < _PROGRESS_MIN_BYTES,
+            leave=False,
+        )
+
+    def tick(self) -> None:
+        if self._bar.disable:
+            return
+        pos = self._raw.tell()
+        if pos > self._done:
+            self._bar.update(pos - self._done)
+            self._done = pos
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers: each yields _Doc (a good document) or _Bad (a skippable bad row)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Doc:
+    title: str
+    text: str
+    doc_id: str
+
+
+@dataclass(frozen=True)
+class _Bad:
+    where: str  # e.g. "row 7" or "article 2 paragraph 3"
+    reason: str
+
+
+def _read_delimited(path: Path, delimiter: str, progress: _Progress, f: io.TextIOWrapper) -> Iterator[_Doc | _Bad]:
+    stem = strip_compression(path)[0]
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader(f, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"{path}: empty file (expected a header row with 'title' and 'text')") from None
+    except csv.Error as e:
+        raise DataError(f"{path} row 1: malformed header ({e})") from None
+    if has_undecodable(*header):
+        raise DataError(f"{path} row 1: {_UNDECODABLE}")
+    cols = {name.strip().lower(): i for i, name in enumerate(header)}
+    for required in ("title", "text"):
+        if required not in cols:
+            found = ", ".join(repr(h) for h in header)
+            raise DataError(f"{path}: missing required column {required!r} (header: {found})")
+    i_title, i_text, i_id = cols["title"], cols["text"], cols.get("id")
+
+    index = 0  # 0-based index of the data record (for default doc ids)
+    while True:
+        line = reader.line_num + 1  # 1-based line where the next record starts
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            index += 1
+            yield _Bad(f"row {line}", f"malformed CSV ({e})")
+            continue
+        progress.tick()
+        if not row:  # blank line
+            continue
+        record_index, index = index, index + 1
+        if has_undecodable(*row):
+            yield _Bad(f"row {line}", _UNDECODABLE)
+            continue
+        text = row[i_text] if i_text < len(row) else None
+        if text is None:
+            yield _Bad(f"row {line}", f"missing 'text' (row has {len(row)} fields, header has {len(header)})")
+            continue
+        if not text.strip():
+            yield _Bad(f"row {line}", "empty 'text'")
+            continue
+        title = row[i_title].strip() if i_title < len(row) else ""
+        given_id = row[i_id].strip() if i_id is not None and i_id < len(row) else ""
+        yield _Doc(title, text, given_id or f"{stem}:{record_index}")
+
+
+def _read_jsonl(path: Path, progress: _Progress, f: io.TextIOWrapper) -> Iterator[_Doc | _Bad]:
+    stem = strip_compression(path)[0]
+    index = 0
+    for line_no, line in enumerate(f, start=1):
+        progress.tick()
+        if not line.strip():
+            continue
+        record_index, index = index, index + 1
+        where = f"row {line_no}"
+        if has_undecodable(line):
+            yield _Bad(where, _UNDECODABLE)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield _Bad(where, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield _Bad(where, f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        if "text" not in obj:
+            yield _Bad(where, "missing 'text'")
+            continue
+        if "title" not in obj:
+            yield _Bad(where, "missing 'title'")
+            continue
+        text, title = obj["text"], obj["title"]
+        if not isinstance(text, str) or not text.strip():
+            yield _Bad(where, "empty 'text'" if not text else f"'text' must be a string, got {type(text).__name__}")
+            continue
+        if title is None:
+            title = ""
+        if not isinstance(title, str):
+            yield _Bad(where, f"'title' must be a string, got {type(title).__name__}")
+            continue
+        given_id = obj.get("id")
+        doc_id = str(given_id).strip() if given_id is not None and str(given_id).strip() else f"{stem}:{record_index}"
+        yield _Doc(title.strip(), text, doc_id)
+
+
+def load_squad_json(path: Path) -> list[Any]:
+    """Parse a SQuAD-format file and return its ``data`` list (one entry per article)."""
+    check_file(path)
+    with open_text(path) as f:
+        raw = f.read()
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise DataError(f"{path}: not SQuAD format (missing required top-level list 'data')")
+    return obj["data"]
+
+
+def _read_squad(path: Path) -> Iterator[_Doc | _Bad]:
+    for a_i, article in enumerate(load_squad_json(path), start=1):
+        if not isinstance(article, dict):
+            yield _Bad(f"article {a_i}", "expected a JSON object")
+            continue
+        title = article.get("title")
+        if not isinstance(title, str) or not title.strip():
+            yield _Bad(f"article {a_i}", "missing or empty 'title'")
+            continue
+        if has_undecodable(title):
+            yield _Bad(f"article {a_i}", _UNDECODABLE)
+            continue
+        paragraphs = article.get("paragraphs")
+        if not isinstance(paragraphs, list):
+            yield _Bad(f"article {a_i}", "missing 'paragraphs' list")
+            continue
+        for p_i, para in enumerate(paragraphs):
+            where = f"article {a_i} paragraph {p_i + 1}"
+            context = para.get("context") if isinstance(para, dict) else None
+            if not isinstance(context, str) or not context.strip():
+                yield _Bad(where, "empty 'context'" if isinstance(para, dict) else "expected a JSON object")
+                continue
+            if has_undecodable(context):
+                yield _Bad(where, _UNDECODABLE)
+                continue
+            yield _Doc(title.strip(), context, squad_doc_id(title, p_i))
+
+
+def squad_doc_id(title: str, paragraph_index: int) -> str:
+    """KB ``doc_id`` of SQuAD paragraph ``paragraph_index`` (0-based) of the article ``title``."""
+    return f"{title.strip()}:{paragraph_index}"
+
+
+def _iter_source(path: Path, fmt: str) -> Generator[_Doc | _Bad, None, None]:
+    check_file(path)
+    try:
+        if fmt == "squad":  # one JSON document, parsed as a whole (no progress bar)
+            yield from _read_squad(path)
+            return
+        with open(path, "rb") as raw:
+            progress = _Progress(path, raw)
+            try:
+                with open_text(path, raw) as f:
+                    if fmt == "jsonl":
+                        yield from _read_jsonl(path, progress, f)
+                    else:
+                        yield from _read_delimited(path, "," if fmt == "csv" else "\t", progress, f)
+            finally:
+                progress.close()
+    except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip .gz file
+        raise DataError(f"{path}: cannot read file ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and saving
+# ----------------------------------------------------------------------------------------------
+
+
+class _Sink:
+    """Collects passage rows in column batches; spills to an Arrow stream file if given a path."""
+
+    def __init__(self, arrow_path: Path | None) -> None:
+        self.n = 0
+        self._cols: dict[str, list[Any]] = {c: [] for c in KB_COLUMNS}
+        self._batches: list[pa.RecordBatch] = []
+        self._file: pa.NativeFile | None = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        if arrow_path is not None:
+            self._file = pa.OSFile(str(arrow_path), "wb")
+            self._writer = pa.ipc.new_stream(self._file, _ARROW_SCHEMA)
+
+    def add(self, title: str, text: str, doc_id: str, char_start: int) -> None:
+        c = self._cols
+        c["id"].append(self.n)
+        c["title"].append(title)
+        c["text"].append(text)
+        c["doc_id"].append(doc_id)
+        c["char_start"].append(char_start)
+        self.n += 1
+        if len(c["id"]) >= _BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._cols["id"]:
+            return
+        batch = pa.RecordBatch.from_pydict(self._cols, schema=_ARROW_SCHEMA)
+        if self._writer is not None:
+            self._writer.write_batch(batch)
+        else:
+            self._batches.append(batch)
+        self._cols = {c: [] for c in KB_COLUMNS}
+
+    def finish(self) -> pa.Table | None:
+        """Flush; return the in-memory table (no spill file) or None (stream file closed)."""
+        self._flush()
+        self.close()
+        if self._file is None:
+            return pa.Table.from_batches(self._batches, schema=_ARROW_SCHEMA)
+        return None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
+
+def _as_paths(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
+    if isinstance(sources, (str, os.PathLike)):
+        return [Path(sources)]
+    paths = [Path(s) for s in sources]
+    if not paths:
+        raise DataError("build_kb: no source files given")
+    return paths
+
+
+def _fill(sink: _Sink, paths: list[Path], fmt: str | None, passage_words: int, skip_bad_rows: bool) -> dict[str, Any]:
+    stats: dict[str, Any] = {"documents": 0, "passages": 0, "skipped": 0, "skipped_rows": [], "sources": []}
+    for path in paths:
+        source_fmt = detect_format(path, fmt)
+        n_docs = n_skipped = 0
+        start = sink.n
+        with closing(_iter_source(path, source_fmt)) as items:
+            for item in items:
+                if isinstance(item, _Bad):
+                    if not skip_bad_rows:
+                        raise DataError(f"{path} {item.where}: {item.reason}")
+                    n_skipped += 1
+                    if len(stats["skipped_rows"]) < 20:
+                        stats["skipped_rows"].append(f"{path} {item.where}: {item.reason}")
+                    continue
+                n_docs += 1
+                for passage, char_start in _chunk(item.text, passage_words):
+                    sink.add(item.title, passage, item.doc_id, char_start)
+        if n_skipped:
+            logger.warning("%s: skipped %d bad row(s) (first: %s)", path, n_skipped, stats["skipped_rows"][0])
+        stats["documents"] += n_docs
+        stats["skipped"] += n_skipped
+        stats["sources"].append(
+            {
+                "path": str(path),
+                "format": source_fmt,
+                "documents": n_docs,
+                "passages": sink.n - start,
+                "skipped": n_skipped,
+            }
+        )
+    stats["passages"] = sink.n
+    if sink.n == 0:
+        skipped = f" ({stats['skipped']} bad row(s) skipped)" if stats["skipped"] else ""
+        raise DataError(f"{', '.join(map(str, paths))}: no passages produced{skipped}")
+    return stats
+
+
+def _save_quietly(ds: datasets.Dataset, path: Path, quiet: bool) -> None:
+    """``save_to_disk``, without the datasets progress bar for small KBs."""
+    silence = quiet and datasets.is_progress_bar_enabled()
+    if silence:
+        datasets.disable_progress_bars()
+    try:
+        ds.save_to_disk(str(path))
+    finally:
+        if silence:
+            datasets.enable_progress_bars()
+
+
+def _is_replaceable_kb_dir(path: Path) -> bool:
+    """An existing ``out_dir`` is only removed if it is empty or holds a saved dataset."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return not names or "state.json" in names or "dataset_dict.json" in names
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+@overload
+def build_kb(
+    sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str] | None = ...,
+    passage_words: int = ...,
+    skip_bad_rows: bool = ...,
+    fmt: str | None = ...,
+    return_stats: Literal[False] = ...,
+) -> datasets.Dataset: ...
+
+
+@overload
+def build_kb(
+    sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str] | None = ...,
+    passage_words: int = ...,
+    skip_bad_rows: bool = ...,
+    fmt: str | None = ...,
+    *,
+    return_stats: Literal[True],
+) -> tuple[datasets.Dataset, dict[str, Any]]: ...
+
+
+def build_kb(
+    sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str] | None = None,
+    passage_words: int = 100,
+    skip_bad_rows: bool = False,
+    fmt: str | None = None,
+    return_stats: bool = False,
+) -> datasets.Dataset | tuple[datasets.Dataset, dict[str, Any]]:
+    """Ingest one or more source files into a passage dataset (see the module docstring).
+
+    Args:
+        sources: a path or a list of paths; their passages are concatenated with ids continuing.
+        out_dir: if given, the dataset is saved there atomically (built in a temporary directory
+            next to it, then renamed into place; an existing KB at ``out_dir`` is replaced only
+            once the new one is complete) and the returned dataset is memory-mapped from it.
+            Without ``out_dir`` the dataset is returned in memory.
+        passage_words: words per passage.
+        skip_bad_rows: skip (and count) bad rows instead of raising :class:`DataError`.
+        fmt: force the format of every source (``csv``, ``tsv``, ``jsonl`` or ``squad``).
+        return_stats: also return a stats dict with ``documents``, ``passages``, ``skipped``,
+            ``skipped_rows`` (first 20 messages) and per-source ``sources``.
+
+    Raises:
+        DataError: missing file / column, a bad row (unless skipped), or no passages at all.
+    """
+    if isinstance(passage_words, bool) or not isinstance(passage_words, int) or passage_words < 1:
+        raise DataError(f"passage_words must be a positive integer, got {passage_words!r}")
+    paths = _as_paths(sources)
+
+    if out_dir is None:
+        sink = _Sink(None)
+        try:
+            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows)
+            table = sink.finish()
+        finally:
+            sink.close()
+        assert table is not None
+        ds = datasets.Dataset(table, info=datasets.DatasetInfo(features=KB_FEATURES))
+        return (ds, stats) if return_stats else ds
+
+    out = Path(out_dir)
+    if out.exists() and not _is_replaceable_kb_dir(out):
+        raise DataError(f"{out}: exists and is not a saved knowledge base; refusing to overwrite it")
+    created = _missing_ancestors(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        sink = _Sink(tmp / "passages.arrow")
+        try:
+            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows)
+            sink.finish()
+        finally:
+            sink.close()
+        staged = datasets.Dataset.from_file(str(tmp / "passages.arrow"))
+        _save_quietly(staged, tmp / "kb", quiet=sink.n < _PROGRESS_MIN_ROWS)
+        del staged
+        old = tmp / "old"
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(tmp / "kb", out)
+        except BaseException:
+            if old.exists():
+                os.replace(old, out)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # innermost first; only directories this call created and left empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds = load_kb(out)
+    return (ds, stats) if return_stats else ds
+
+
+def load_kb(path: str | os.PathLike[str]) -> datasets.Dataset:
+    """Load a KB saved by :func:`build_kb` (memory-mapped Arrow via ``datasets.load_from_disk``)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: knowledge base directory not found")
+    if not p.is_dir():
+        raise DataError(f"{p}: not a knowledge base directory (build one from this file with build_kb)")
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{p}: not a saved knowledge base ({first})") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise DataError(f"{p}: holds a DatasetDict, not a knowledge base Dataset")
+    missing = [c for c in KB_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{p}: not a knowledge base (missing column(s) {', '.join(missing)})")
+    return ds
+
+
+def kb_stats(kb: datasets.Dataset, batch_size: int = 50_000) -> dict[str, Any]:
+    """Summary of a KB: passage and document counts and words per passage (min / mean / max)."""
+    n = len(kb)
+    docs: set[str] = set()
+    total = 0
+    lo, hi = sys.maxsize, 0
+    for batch in kb.select_columns(["doc_id", "text"]).iter(batch_size=batch_size):
+        docs.update(batch["doc_id"])
+        for text in batch["text"]:
+            w = len(_WORD_RE.findall(text))
+            total += w
+            lo, hi = min(lo, w), max(hi, w)
+    return {
+        "passages": n,
+        "documents": len(docs),
+        "words_min": lo if n else 0,
+        "words_mean": total / n if n else 0.0,
+        "words_max": hi,
+    }

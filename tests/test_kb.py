@@ -1,0 +1,353 @@
+"""Tests for ragtrain.data.kb: passage splitting, KB building from every input format, atomic
+saving, memory-mapped reloading and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragtrain.data.errors import DataError
+from ragtrain.data.kb import KB_COLUMNS, build_kb, kb_stats, load_kb, split_words
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def words(n: int, prefix: str = "w") -> str:
+    return " ".join(f"{prefix}{i}" for i in range(n))
+
+
+def write_csv(path: Path, rows: list[dict[str, str]], delimiter: str = ",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def squad(articles: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "version": "1.1",
+        "data": [
+            {"title": title, "paragraphs": [{"context": c, "qas": []} for c in contexts]}
+            for title, contexts in articles
+        ],
+    }
+
+
+def assert_one_line_error(exc: pytest.ExceptionInfo[DataError], *parts: str) -> None:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for part in parts:
+        assert part in msg, f"{part!r} not in {msg!r}"
+
+
+@pytest.fixture
+def docs() -> list[dict[str, str]]:
+    return [
+        {"id": "a", "title": "Alpha", "text": words(7, "a")},
+        {"id": "", "title": "Beta", "text": "  " + words(3, "b") + "\n"},
+        {"id": "c", "title": "Gamma", "text": words(6, "c")},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# split_words
+# ----------------------------------------------------------------------------------------------
+
+
+def test_split_words_chunks_and_remainder() -> None:
+    assert split_words("a b c d e", 2) == ["a b", "c d", "e"]
+    assert split_words("a b c d", 2) == ["a b", "c d"]
+    assert split_words("  a\tb\n\nc  ", 5) == ["a b c"]
+    assert split_words("", 3) == []
+    assert split_words(" \n\t ", 3) == []
+    assert split_words(words(250), 100) == [
+        words(100),
+        " ".join(f"w{i}" for i in range(100, 200)),
+        " ".join(f"w{i}" for i in range(200, 250)),
+    ]
+
+
+def test_split_words_rejects_non_positive() -> None:
+    with pytest.raises(ValueError):
+        split_words("a b", 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# build_kb: formats
+# ----------------------------------------------------------------------------------------------
+
+
+def check_kb(ds: Any, source_texts: dict[str, str], n_words: int) -> None:
+    assert ds.column_names == list(KB_COLUMNS)
+    assert ds["id"] == list(range(len(ds)))
+    for row in ds:
+        src = source_texts[row["doc_id"]]
+        # char_start points at the passage's first word in the source text
+        assert src[row["char_start"] :].startswith(row["text"].split()[0])
+        assert 1 <= len(row["text"].split()) <= n_words
+
+
+def test_build_kb_csv(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    path = write_csv(tmp_path / "kb.csv", docs)
+    ds = build_kb(path, passage_words=3)
+    # 7 words -> 3+3+1, 3 words -> 3, 6 words -> 3+3
+    assert ds["title"] == ["Alpha"] * 3 + ["Beta"] + ["Gamma"] * 2
+    assert [len(t.split()) for t in ds["text"]] == [3, 3, 1, 3, 3, 3]
+    assert ds["doc_id"] == ["a", "a", "a", "kb:1", "c", "c"]
+    assert ds["text"][0] == "a0 a1 a2" and ds["text"][2] == "a6"
+    assert ds["char_start"][:3] == [0, len("a0 a1 a2 "), len("a0 a1 a2 a3 a4 a5 ")]
+    assert ds["char_start"][3] == 2  # leading spaces of the Beta text
+    check_kb(ds, {"a": docs[0]["text"], "kb:1": docs[1]["text"], "c": docs[2]["text"]}, 3)
+
+
+def test_build_kb_tsv_without_id_column(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    rows = [{"text": d["text"], "title": d["title"]} for d in docs]
+    path = write_csv(tmp_path / "passages.tsv", rows, delimiter="\t")
+    ds = build_kb(path, passage_words=4)
+    assert ds["doc_id"] == ["passages:0", "passages:0", "passages:1", "passages:2", "passages:2"]
+    assert ds["title"] == ["Alpha", "Alpha", "Beta", "Gamma", "Gamma"]
+    assert [len(t.split()) for t in ds["text"]] == [4, 3, 3, 4, 2]
+    check_kb(ds, {f"passages:{i}": d["text"] for i, d in enumerate(docs)}, 4)
+
+
+def test_build_kb_jsonl_and_gzip(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    plain = write_jsonl(tmp_path / "kb.jsonl", docs)
+    zipped = tmp_path / "kb.jsonl.gz"
+    zipped.write_bytes(gzip.compress(plain.read_bytes()))
+    a = build_kb(plain, passage_words=3)
+    b = build_kb(zipped, passage_words=3)
+    assert a.to_dict() == b.to_dict()
+    assert a["doc_id"] == ["a", "a", "a", "kb:1", "c", "c"]  # .gz stripped from the stem
+    assert len(a) == 6
+
+
+def test_build_kb_squad(tmp_path: Path) -> None:
+    contexts = [words(5, "x"), "Lead. " + words(4, "y")]
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(squad([("Topic One", contexts), ("Topic Two", [words(2, "z")])])))
+    ds = build_kb(path, passage_words=3)
+    assert ds["doc_id"] == ["Topic One:0", "Topic One:0", "Topic One:1", "Topic One:1", "Topic Two:0"]
+    assert ds["title"] == ["Topic One"] * 4 + ["Topic Two"]
+    assert ds["text"][2] == "Lead. y0 y1"
+    check_kb(ds, {"Topic One:0": contexts[0], "Topic One:1": contexts[1], "Topic Two:0": words(2, "z")}, 3)
+    gz = tmp_path / "dev.json.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert build_kb(gz, passage_words=3).to_dict() == ds.to_dict()
+
+
+def test_fmt_overrides_extension(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    path = write_jsonl(tmp_path / "docs.txt", docs)
+    with pytest.raises(DataError, match="docs.txt"):
+        build_kb(path)
+    assert len(build_kb(path, fmt="jsonl", passage_words=100)) == 3
+
+
+def test_multiple_sources_ids_continue_and_stable(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", docs)
+    b = write_csv(tmp_path / "b.csv", docs)
+    ds1, stats = build_kb([a, b], passage_words=3, return_stats=True)
+    ds2 = build_kb([str(a), str(b)], passage_words=3)
+    assert ds1["id"] == list(range(12))
+    assert ds1["text"][:6] == ds1["text"][6:]
+    assert ds1.to_dict() == ds2.to_dict()
+    assert stats["documents"] == 6 and stats["passages"] == 12 and stats["skipped"] == 0
+    assert [s["passages"] for s in stats["sources"]] == [6, 6]
+
+
+def test_crlf_and_quoted_multiline_csv(tmp_path: Path) -> None:
+    path = tmp_path / "kb.csv"
+    path.write_bytes(b'title,text\r\nA,"one two\r\nthree"\r\nB,four\r\n')
+    ds = build_kb(path, passage_words=2)
+    assert ds["text"] == ["one two", "three", "four"]
+    assert ds["doc_id"] == ["kb:0", "kb:0", "kb:1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# saving / loading
+# ----------------------------------------------------------------------------------------------
+
+
+def test_save_reload_memory_mapped_and_replace(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    src = write_jsonl(tmp_path / "kb.jsonl", docs)
+    out = tmp_path / "out" / "kb"
+    ds = build_kb(src, out_dir=out, passage_words=3)
+    assert ds.cache_files and all(Path(f["filename"]).is_relative_to(out) for f in ds.cache_files)
+    loaded = load_kb(out)
+    assert loaded.cache_files  # memory-mapped Arrow, not in-memory
+    assert loaded.to_dict() == build_kb(src, passage_words=3).to_dict()
+    # rebuilding replaces the old KB; no temp dirs are left beside it
+    again = build_kb(src, out_dir=out, passage_words=100)
+    assert len(again) == 3 and len(load_kb(out)) == 3
+    assert sorted(p.name for p in out.parent.iterdir()) == ["kb"]
+
+
+def test_refuses_to_overwrite_non_kb_dir(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    src = write_jsonl(tmp_path / "kb.jsonl", docs)
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="precious"):
+        build_kb(src, out_dir=out)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_load_kb_errors(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    with pytest.raises(DataError, match="nowhere"):
+        load_kb(tmp_path / "nowhere")
+    src = write_jsonl(tmp_path / "kb.jsonl", docs)
+    with pytest.raises(DataError, match="kb.jsonl"):
+        load_kb(src)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        load_kb(tmp_path / "empty")
+
+
+def test_kb_stats(docs: list[dict[str, str]], tmp_path: Path) -> None:
+    ds = build_kb(write_jsonl(tmp_path / "kb.jsonl", docs), passage_words=3)
+    assert kb_stats(ds) == {"passages": 6, "documents": 3, "words_min": 1, "words_mean": 16 / 6, "words_max": 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+
+GOOD_JSONL = json.dumps({"title": "T", "text": "some words here"}) + "\n"
+
+# name, file name, file bytes, expected message parts (besides the file name)
+BAD_INPUTS: list[tuple[str, str, bytes, tuple[str, ...]]] = [
+    ("csv empty text", "kb.csv", b"title,text\nA,fine text\nB,more\nC,   \n", ("row 4", "empty 'text'")),
+    ("csv short row", "kb.csv", b"id,title,text\n1,A,fine\n2,B\n", ("row 3", "missing 'text'")),
+    ("csv bad bytes", "kb.csv", b"title,text\nA,ok\nB,ok\nC,caf\xe9 au lait\n", ("row 4", "undecodable")),
+    ("csv multiline then bad", "kb.csv", b'title,text\nA,"two\nlines"\nB,\n', ("row 4", "empty 'text'")),
+    ("tsv empty text", "kb.tsv", b"title\ttext\nA\tok\nB\t\n", ("row 3", "empty 'text'")),
+    ("jsonl invalid json", "kb.jsonl", (GOOD_JSONL + '{"title": "x", "text": \n').encode(), ("row 2", "invalid JSON")),
+    (
+        "jsonl bad bytes",
+        "kb.jsonl",
+        GOOD_JSONL.encode() * 2 + b'{"title": "x", "text": "\xff\xfe"}\n',
+        ("row 3", "undecodable"),
+    ),
+    (
+        "jsonl empty text",
+        "kb.jsonl",
+        (GOOD_JSONL + "\n" + json.dumps({"title": "x", "text": ""}) + "\n").encode(),
+        ("row 3", "empty 'text'"),
+    ),
+    ("jsonl missing text", "kb.jsonl", (json.dumps({"title": "x"}) + "\n").encode(), ("row 1", "missing 'text'")),
+    ("jsonl not object", "kb.jsonl", (GOOD_JSONL + "[1, 2]\n").encode(), ("row 2", "JSON object")),
+    (
+        "squad empty context",
+        "train.json",
+        json.dumps(squad([("A", ["fine"]), ("B", ["ok", " "])])).encode(),
+        ("article 2 paragraph 2", "empty 'context'"),
+    ),
+    ("squad invalid json", "train.json", b'{"data": [\n{"title": }\n]}', ("line 2", "invalid JSON")),
+    (
+        "squad bad bytes",
+        "train.json",
+        b'{"data": [{"title": "A", "paragraphs": [{"context": "\xc3("}]}]}',
+        ("article 1 paragraph 1", "undecodable"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("fname", "content", "parts"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_row_is_one_line_error_naming_file_and_row(
+    tmp_path: Path, fname: str, content: bytes, parts: tuple[str, ...]
+) -> None:
+    path = tmp_path / fname
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as exc:
+        build_kb(path, out_dir=out, passage_words=2)
+    assert_one_line_error(exc, fname, *parts)
+    # nothing half-written: no out_dir and no temp dir beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fname]
+
+
+def test_gzip_bad_bytes_row(tmp_path: Path) -> None:
+    path = tmp_path / "kb.jsonl.gz"
+    path.write_bytes(gzip.compress(GOOD_JSONL.encode() + b'{"title": "x", "text": "\x80"}\n'))
+    with pytest.raises(DataError) as exc:
+        build_kb(path)
+    assert_one_line_error(exc, "kb.jsonl.gz", "row 2", "undecodable")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as exc:
+        build_kb(tmp_path / "absent.csv", skip_bad_rows=True)
+    assert_one_line_error(exc, "absent.csv", "not found")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_missing_column_always_errors(tmp_path: Path, skip: bool) -> None:
+    path = tmp_path / "kb.csv"
+    path.write_text("title,body\nA,words\n")
+    with pytest.raises(DataError) as exc:
+        build_kb(path, skip_bad_rows=skip, out_dir=tmp_path / "out")
+    assert_one_line_error(exc, "kb.csv", "'text'", "column")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_rebuild_keeps_old_kb(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", docs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(GOOD_JSONL + "{oops\n")
+    out = tmp_path / "kb"
+    build_kb(good, out_dir=out, passage_words=3)
+    with pytest.raises(DataError, match="bad.jsonl row 2"):
+        build_kb([good, bad], out_dir=out, passage_words=3)
+    assert len(load_kb(out)) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "kb"]
+
+
+def test_failed_build_removes_created_parents(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    with pytest.raises(DataError):
+        build_kb(bad, out_dir=tmp_path / "new" / "deeper" / "kb")
+    assert not (tmp_path / "new").exists()
+
+
+def test_skip_bad_rows_counts_and_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "kb.jsonl"
+    lines = [
+        GOOD_JSONL.strip(),
+        "{not json",
+        json.dumps({"title": "E", "text": "   "}),
+        json.dumps({"title": "Z", "text": "last doc"}),
+    ]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"title": "b", "text": "\xff"}\n')
+    with caplog.at_level(logging.WARNING, logger="ragtrain.data.kb"):
+        ds, stats = build_kb(path, skip_bad_rows=True, out_dir=tmp_path / "out", return_stats=True)
+    assert stats["skipped"] == 3 and stats["documents"] == 2
+    assert ds["id"] == [0, 1] and ds["text"] == ["some words here", "last doc"]
+    assert ds["doc_id"] == ["kb:0", "kb:3"]  # default ids count every record, so they are stable
+    assert any("row 2" in r for r in stats["skipped_rows"])
+    assert any("skipped 3 bad row" in r.getMessage() for r in caplog.records)
+
+
+def test_only_bad_rows_is_an_error_even_when_skipping(tmp_path: Path) -> None:
+    path = tmp_path / "kb.csv"
+    path.write_text("title,text\nA,\nB, \n")
+    with pytest.raises(DataError, match="no passages"):
+        build_kb(path, skip_bad_rows=True)
+
+
+def test_invalid_passage_words(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    with pytest.raises(DataError, match="passage_words"):
+        build_kb(write_jsonl(tmp_path / "kb.jsonl", docs), passage_words=0)
