@@ -1,0 +1,358 @@
+"""Dense maximum-inner-product index over knowledge-base passage embeddings.
+
+:class:`DenseIndex` wraps a FAISS index of one of three kinds:
+
+* ``"flat"``  -- exact search, ``IndexFlatIP`` inside ``IndexIDMap2``;
+* ``"ivf"``   -- ``IndexIVFFlat`` (inner-product metric) trained on the embeddings themselves, with
+  ``nlist`` clipped to ``max(1, N // 39)`` for small ``N`` (FAISS wants ~39 points per centroid);
+* ``"hnsw"``  -- ``IndexHNSWFlat(dim, M, METRIC_INNER_PRODUCT)`` inside ``IndexIDMap2``.
+
+Ids are knowledge-base row ids (int64).  With ``use_gpu=True`` and a GPU build of FAISS with visible
+GPUs, the flat/IVF index is sharded across all GPUs (``index_cpu_to_all_gpus`` with
+``GpuMultipleClonerOptions(shard=True, useFloat16=gpu_fp16)``); otherwise a warning is logged once
+and the index stays on CPU.  HNSW has no FAISS GPU implementation and always stays on CPU.
+
+:func:`torch_flat_search` is a pure-torch brute-force search (matmul + top-k, chunked over the
+passages) that runs on any device, including CUDA in fp16; it is both a GPU path when only
+``faiss-cpu`` is installed and a reference implementation for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DenseIndex", "torch_flat_search", "INDEX_FILE", "META_FILE"]
+
+INDEX_FILE = "index.faiss"
+META_FILE = "meta.json"
+_KINDS = ("flat", "ivf", "hnsw")
+_MIN_POINTS_PER_CENTROID = 39
+
+_warned_no_gpu = False
+
+
+def _warn_no_gpu_once(reason: str) -> None:
+    global _warned_no_gpu
+    if not _warned_no_gpu:
+        logger.warning("DenseIndex: use_gpu requested but %s; keeping the FAISS index on CPU.", reason)
+        _warned_no_gpu = True
+
+
+def _faiss_num_gpus() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    if get is None or not hasattr(faiss, "GpuMultipleClonerOptions"):
+        return 0
+    try:
+        return int(get())
+    except Exception:  # pragma: no cover - defensive: broken CUDA runtime
+        return 0
+
+
+def _as_float32_2d(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    """Contiguous float32 numpy array of shape (n, d); a 1-D input becomes (1, d)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to(device="cpu", dtype=torch.float32).numpy()
+    arr = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be 2-D (n, dim), got shape {tuple(arr.shape)}")
+    return arr
+
+
+class DenseIndex:
+    """Inner-product index over passage embeddings; ids are KB row ids (int64).
+
+    Create with :meth:`build` (or construct, then :meth:`add`), query with :meth:`search`, persist
+    with :meth:`save` / :meth:`load`.  An IVF index is trained on the first batch passed to
+    :meth:`add`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kind: str = "flat",
+        *,
+        nlist: int = 1024,
+        nprobe: int = 32,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+        ef_construction: int = 64,
+        use_gpu: bool = False,
+        gpu_fp16: bool = False,
+    ) -> None:
+        if kind not in _KINDS:
+            raise ValueError(f"DenseIndex: unknown kind {kind!r}; expected one of {_KINDS}")
+        if dim < 1:
+            raise ValueError(f"DenseIndex: dim must be >= 1, got {dim}")
+        self._dim = int(dim)
+        self.kind = kind
+        self.nlist = int(nlist)  # requested; the effective value is fixed at training time
+        self.nprobe = int(nprobe)
+        self.hnsw_m = int(hnsw_m)
+        self.ef_search = int(ef_search)
+        self.ef_construction = int(ef_construction)
+        self.use_gpu = bool(use_gpu)
+        self.gpu_fp16 = bool(gpu_fp16)
+        self._on_gpu = False
+        self._index: Any = None  # built lazily for ivf (nlist depends on N)
+        self._effective_nlist_value: int | None = None
+        if kind == "flat":
+            self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self._dim))
+        elif kind == "hnsw":
+            hnsw = faiss.IndexHNSWFlat(self._dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = self.ef_construction
+            hnsw.hnsw.efSearch = self.ef_search
+            self._index = faiss.IndexIDMap2(hnsw)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray | torch.Tensor,
+        ids: np.ndarray | None = None,
+        kind: str = "flat",
+        **kw: Any,
+    ) -> DenseIndex:
+        """Index ``embeddings`` (N, d) with ids ``ids`` (default ``arange(N)``)."""
+        emb = _as_float32_2d(embeddings, "embeddings")
+        index = cls(emb.shape[1], kind, **kw)
+        index.add(emb, ids)
+        return index
+
+    def _effective_nlist(self, n: int) -> int:
+        return max(1, min(self.nlist, n // _MIN_POINTS_PER_CENTROID))
+
+    def _train_ivf(self, emb: np.ndarray) -> None:
+        nlist = self._effective_nlist(emb.shape[0])
+        if nlist < self.nlist:
+            logger.info("DenseIndex: clipping IVF nlist %d -> %d for %d vectors", self.nlist, nlist, emb.shape[0])
+        quantizer = faiss.IndexFlatIP(self._dim)
+        ivf = faiss.IndexIVFFlat(quantizer, self._dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.train(emb)
+        ivf.nprobe = min(self.nprobe, nlist)
+        self._effective_nlist_value = nlist
+        self._index = ivf
+
+    def add(self, embeddings: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> None:
+        """Add vectors with int64 ``ids`` (default: continue ``ntotal, ntotal+1, ...``)."""
+        emb = _as_float32_2d(embeddings, "embeddings")
+        if emb.shape[1] != self._dim:
+            raise ValueError(f"DenseIndex.add: embeddings have dim {emb.shape[1]}, index has dim {self._dim}")
+        n = emb.shape[0]
+        if ids is None:
+            start = self.ntotal
+            id_arr = np.arange(start, start + n, dtype=np.int64)
+        else:
+            id_arr = np.ascontiguousarray(np.asarray(ids), dtype=np.int64).reshape(-1)
+            if id_arr.shape[0] != n:
+                raise ValueError(f"DenseIndex.add: {n} embeddings but {id_arr.shape[0]} ids")
+        if n == 0:
+            return
+        if self._on_gpu:
+            raise RuntimeError("DenseIndex.add: cannot add to an index already moved to GPU; add before to_gpu()")
+        if self._index is None:  # ivf, untrained
+            self._train_ivf(emb)
+        self._index.add_with_ids(emb, id_arr)
+        if self.use_gpu:
+            self.to_gpu()
+
+    # ------------------------------------------------------------------ GPU
+    def to_gpu(self) -> bool:
+        """Shard the index across all visible GPUs; returns whether it is on GPU afterwards."""
+        if self._on_gpu:
+            return True
+        if self.kind == "hnsw":
+            _warn_no_gpu_once("FAISS has no GPU HNSW index")
+            return False
+        n_gpus = _faiss_num_gpus()
+        if n_gpus == 0:
+            _warn_no_gpu_once("FAISS was built without GPU support or sees no GPU")
+            return False
+        if self._index is None:
+            return False  # untrained IVF: moved after the first add()
+        co = faiss.GpuMultipleClonerOptions()
+        co.shard = True
+        co.useFloat16 = self.gpu_fp16
+        self._index = faiss.index_cpu_to_all_gpus(self._index, co)
+        self._on_gpu = True
+        logger.info("DenseIndex: %s index with %d vectors sharded across %d GPU(s)", self.kind, self.ntotal, n_gpus)
+        return True
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._on_gpu
+
+    def _cpu_index(self) -> Any:
+        if self._on_gpu:
+            return faiss.index_gpu_to_cpu(self._index)
+        return self._index
+
+    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change search-time parameters in place (nprobe for ivf, efSearch for hnsw); others ignored."""
+        if nprobe is not None:
+            self.nprobe = int(nprobe)
+        if ef_search is not None:
+            self.ef_search = int(ef_search)
+        if self._index is None:
+            return
+        space = faiss.GpuParameterSpace() if self._on_gpu else faiss.ParameterSpace()
+        if self.kind == "ivf" and nprobe is not None:
+            limit = self._effective_nlist_value or self.nprobe
+            space.set_index_parameter(self._index, "nprobe", min(self.nprobe, limit))
+        elif self.kind == "hnsw" and ef_search is not None:
+            space.set_index_parameter(self._index, "efSearch", self.ef_search)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def ntotal(self) -> int:
+        return 0 if self._index is None else int(self._index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: ``(scores float32 (B, k), ids int64 (B, k))``, best first.
+
+        A 1-D query is treated as a batch of one.  Approximate kinds (ivf with small nprobe, hnsw)
+        may pad a row with id ``-1`` when fewer than ``k`` candidates were visited."""
+        q = _as_float32_2d(queries, "queries")
+        if q.shape[1] != self._dim:
+            raise ValueError(f"DenseIndex.search: queries have dim {q.shape[1]}, index has dim {self._dim}")
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"DenseIndex.search: k must be >= 1, got {k}")
+        if k > self.ntotal:
+            raise ValueError(f"DenseIndex.search: k={k} is larger than the number of indexed vectors (ntotal={self.ntotal})")
+        scores, ids = self._index.search(q, k)
+        return np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+
+    # ------------------------------------------------------------------ persistence
+    def _params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "hnsw_m": self.hnsw_m,
+            "ef_search": self.ef_search,
+            "ef_construction": self.ef_construction,
+            "gpu_fp16": self.gpu_fp16,
+        }
+        if self._effective_nlist_value is not None:
+            params["effective_nlist"] = self._effective_nlist_value
+        return params
+
+    def save(self, directory: Path | str) -> None:
+        """Write ``index.faiss`` (CPU form) and ``meta.json`` into ``directory`` (created if needed)."""
+        if self._index is None:
+            raise RuntimeError("DenseIndex.save: the index is empty and untrained; add vectors first")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self._cpu_index(), str(directory / INDEX_FILE))
+        meta = {"kind": self.kind, "dim": self._dim, "ntotal": self.ntotal, "params": self._params()}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path | str, use_gpu: bool = False) -> DenseIndex:
+        """Read an index written by :meth:`save`; optionally shard it onto GPUs."""
+        directory = Path(directory)
+        meta = json.loads((directory / META_FILE).read_text())
+        params = dict(meta.get("params", {}))
+        obj = cls(
+            int(meta["dim"]),
+            meta["kind"],
+            nlist=int(params.get("nlist", 1024)),
+            nprobe=int(params.get("nprobe", 32)),
+            hnsw_m=int(params.get("hnsw_m", 32)),
+            ef_search=int(params.get("ef_search", 128)),
+            ef_construction=int(params.get("ef_construction", 64)),
+            use_gpu=use_gpu,
+            gpu_fp16=bool(params.get("gpu_fp16", False)),
+        )
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        if index.d != obj.dim:
+            raise ValueError(f"DenseIndex.load: {directory / INDEX_FILE} has dim {index.d}, meta.json says {obj.dim}")
+        # search-time parameters are not always serialized by FAISS: restore them
+        if obj.kind == "ivf":
+            ivf = faiss.extract_index_ivf(index)
+            obj._effective_nlist_value = int(ivf.nlist)
+            ivf.nprobe = min(obj.nprobe, int(ivf.nlist))
+        elif obj.kind == "hnsw":
+            faiss.ParameterSpace().set_index_parameter(index, "efSearch", obj.ef_search)
+        obj._index = index
+        if use_gpu:
+            obj.to_gpu()
+        return obj
+
+    def __repr__(self) -> str:
+        return f"DenseIndex(kind={self.kind!r}, dim={self._dim}, ntotal={self.ntotal}, on_gpu={self._on_gpu})"
+
+
+def torch_flat_search(
+    embeddings: torch.Tensor,
+    queries: torch.Tensor | np.ndarray,
+    k: int,
+    *,
+    ids: torch.Tensor | np.ndarray | None = None,
+    chunk_size: int = 1 << 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-``k`` with torch: ``(scores float32 (B, k), ids int64 (B, k))`` on
+    ``embeddings.device``, best first.
+
+    ``embeddings`` (N, d) may live on any device in any float dtype (e.g. CUDA fp16); queries are
+    moved/cast to match.  On CPU, half/bfloat16 are upcast to float32 for the matmul.  The passages
+    are processed ``chunk_size`` rows at a time, merging running top-k, so the (B, N) score matrix is
+    never materialised.  ``ids`` maps row positions to KB ids (default: row positions)."""
+    if embeddings.ndim != 2:
+        raise ValueError(f"torch_flat_search: embeddings must be 2-D (N, d), got {tuple(embeddings.shape)}")
+    n, d = embeddings.shape
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"torch_flat_search: k must be >= 1, got {k}")
+    if k > n:
+        raise ValueError(f"torch_flat_search: k={k} is larger than the number of embeddings (N={n})")
+    device = embeddings.device
+    compute_dtype = embeddings.dtype
+    if device.type == "cpu" and compute_dtype in (torch.float16, torch.bfloat16):
+        compute_dtype = torch.float32
+    if not torch.is_floating_point(embeddings):
+        compute_dtype = torch.float32
+    q = torch.as_tensor(queries)
+    if q.ndim == 1:
+        q = q.unsqueeze(0)
+    if q.ndim != 2 or q.shape[1] != d:
+        raise ValueError(f"torch_flat_search: queries must be (B, {d}), got {tuple(q.shape)}")
+    q = q.to(device=device, dtype=compute_dtype)
+
+    best_scores: torch.Tensor | None = None
+    best_pos: torch.Tensor | None = None
+    with torch.no_grad():
+        for start in range(0, n, max(1, int(chunk_size))):
+            block = embeddings[start : start + chunk_size].to(compute_dtype)
+            scores = (q @ block.T).float()
+            kk = min(k, scores.shape[1])
+            s, p = scores.topk(kk, dim=1)
+            p = p + start
+            if best_scores is None:
+                best_scores, best_pos = s, p
+            else:
+                cat_s = torch.cat([best_scores, s], dim=1)
+                cat_p = torch.cat([best_pos, p], dim=1)  # type: ignore[list-item]
+                best_scores, sel = cat_s.topk(k, dim=1)
+                best_pos = cat_p.gather(1, sel)
+    assert best_scores is not None and best_pos is not None
+    if ids is not None:
+        id_map = torch.as_tensor(np.asarray(ids) if not isinstance(ids, torch.Tensor) else ids).to(device=device, dtype=torch.int64)
+        if id_map.shape[0] != n:
+            raise ValueError(f"torch_flat_search: {n} embeddings but {id_map.shape[0]} ids")
+        return best_scores, id_map[best_pos]
+    return best_scores, best_pos.to(torch.int64)

@@ -1,0 +1,149 @@
+"""Tests for ragtrain.index.faiss_index."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ragtrain.index.faiss_index import DenseIndex, torch_flat_search
+
+N, D, K = 500, 32, 10
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((N, D)).astype(np.float32)
+    queries = rng.standard_normal((20, D)).astype(np.float32)
+    return emb, queries
+
+
+def brute_force(emb: np.ndarray, queries: np.ndarray, k: int):
+    scores = queries @ emb.T
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, ids, axis=1), ids
+
+
+def test_flat_equals_brute_force(data):
+    emb, q = data
+    index = DenseIndex.build(emb, kind="flat")
+    assert index.ntotal == N and index.dim == D
+    scores, ids = index.search(q, K)
+    ref_scores, ref_ids = brute_force(emb, q, K)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    assert scores.shape == ids.shape == (len(q), K)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_search_accepts_torch_and_1d(data):
+    emb, q = data
+    index = DenseIndex.build(emb)
+    s1, i1 = index.search(torch.from_numpy(q).double(), K)
+    s2, i2 = index.search(q, K)
+    np.testing.assert_array_equal(i1, i2)
+    s3, i3 = index.search(q[0], K)
+    assert i3.shape == (1, K)
+    np.testing.assert_array_equal(i3[0], i2[0])
+    with pytest.raises(ValueError, match="dim"):
+        index.search(q[:, :5], K)
+
+
+def test_ivf_full_probe_equals_brute_force(data):
+    emb, q = data
+    index = DenseIndex.build(emb, kind="ivf", nlist=8, nprobe=8)
+    scores, ids = index.search(q, K)
+    ref_scores, ref_ids = brute_force(emb, q, K)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_ivf_nlist_clipped_for_small_n(data):
+    emb, q = data
+    index = DenseIndex.build(emb, kind="ivf", nlist=1024, nprobe=1024)
+    # 500 // 39 = 12 lists; nprobe >= nlist -> exhaustive
+    _, ids = index.search(q, K)
+    np.testing.assert_array_equal(ids, brute_force(emb, q, K)[1])
+
+
+def test_hnsw_recall(data):
+    emb, q = data
+    index = DenseIndex.build(emb, kind="hnsw", hnsw_m=32, ef_search=128)
+    _, ids = index.search(q, K)
+    _, ref_ids = brute_force(emb, q, K)
+    recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, ref_ids)])
+    assert recall >= 0.95
+
+
+def test_custom_ids(data):
+    emb, q = data
+    custom = np.arange(N, dtype=np.int64) * 7 + 1000
+    for kind in ("flat", "ivf", "hnsw"):
+        index = DenseIndex.build(emb, custom, kind=kind, nlist=4, nprobe=4)
+        _, ids = index.search(q, 5)
+        assert np.isin(ids, custom).all(), kind
+    index = DenseIndex.build(emb, custom, kind="flat")
+    _, ids = index.search(q, K)
+    np.testing.assert_array_equal(ids, custom[brute_force(emb, q, K)[1]])
+    with pytest.raises(ValueError):
+        DenseIndex.build(emb, custom[:10])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_save_load_roundtrip(tmp_path, data, kind):
+    emb, q = data
+    index = DenseIndex.build(emb, kind=kind, nlist=8, nprobe=3, ef_search=64)
+    index.save(tmp_path / "idx")
+    assert (tmp_path / "idx" / "index.faiss").is_file()
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert meta["kind"] == kind and meta["dim"] == D and meta["ntotal"] == N
+    loaded = DenseIndex.load(tmp_path / "idx")
+    assert loaded.kind == kind and loaded.ntotal == N and loaded.dim == D
+    s1, i1 = index.search(q, K)
+    s2, i2 = loaded.search(q, K)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+
+
+def test_torch_flat_search_equals_brute_force(data):
+    emb, q = data
+    ref_scores, ref_ids = brute_force(emb, q, K)
+    e = torch.from_numpy(emb)
+    for chunk in (N, 64, 7):
+        scores, ids = torch_flat_search(e, q, K, chunk_size=chunk)
+        assert scores.dtype == torch.float32 and ids.dtype == torch.int64
+        np.testing.assert_array_equal(ids.numpy(), ref_ids)
+        np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=1e-5, atol=1e-5)
+    custom = torch.arange(N) + 10_000
+    _, ids = torch_flat_search(e, torch.from_numpy(q), K, ids=custom)
+    np.testing.assert_array_equal(ids.numpy(), ref_ids + 10_000)
+    # half precision storage on CPU is upcast internally
+    s16, _ = torch_flat_search(e.half(), q, K)
+    assert s16.dtype == torch.float32 and s16.shape == (len(q), K)
+    with pytest.raises(ValueError, match="larger"):
+        torch_flat_search(e, q, N + 1)
+
+
+def test_k_larger_than_ntotal(data):
+    emb, q = data
+    index = DenseIndex.build(emb[:5])
+    with pytest.raises(ValueError, match=r"k=6.*ntotal=5"):
+        index.search(q, 6)
+    with pytest.raises(ValueError):
+        index.search(q, 0)
+
+
+def test_use_gpu_without_gpu_stays_on_cpu(data):
+    emb, q = data
+    index = DenseIndex.build(emb, kind="flat", use_gpu=True)
+    # on a faiss-cpu build (or no GPU) this logs a warning and stays on CPU; results are identical
+    _, ids = index.search(q, K)
+    np.testing.assert_array_equal(ids, brute_force(emb, q, K)[1])
+
+
+def test_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        DenseIndex(8, "pq")
