@@ -1,0 +1,118 @@
+"""Tokenization for the encoders and the generator.
+
+* questions -> question-encoder inputs;
+* (title, text) passages -> context-encoder inputs (``title [SEP] text``);
+* (question, passage, answer) rows -> generator inputs.  Causal LMs get a left-padded prompt
+  ``Context: <title>. <text>\\nQuestion: <q>\\nAnswer:`` followed by `` <answer><eos>`` so that the answer columns
+  line up across rows (see :mod:`ragtrain.model.generator`); the passage is truncated, never the question.
+  Seq2seq models get ``question: <q> context: <title>. <text>`` as encoder input and the answer as labels.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Passage = tuple[str, str]  # (title, text)
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(r) for r in rows), default=0) or 1
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if not r:
+            continue
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+class RagCollator:
+    def __init__(self, question_tokenizer, context_tokenizer, generator_tokenizer, *, is_seq2seq: bool,
+                 max_query_length: int = 64, max_passage_length: int = 128, max_prompt_length: int = 256,
+                 max_answer_length: int = 32):
+        self.q_tok = question_tokenizer
+        self.c_tok = context_tokenizer
+        self.g_tok = generator_tokenizer
+        self.is_seq2seq = is_seq2seq
+        self.max_query_length = max_query_length
+        self.max_passage_length = max_passage_length
+        self.max_prompt_length = max_prompt_length
+        self.max_answer_length = max_answer_length
+        g = generator_tokenizer
+        if g.pad_token_id is None:
+            raise ValueError("the generator tokenizer has no pad token (set tokenizer.pad_token = eos_token)")
+        self.g_pad = g.pad_token_id
+        self.g_eos = g.eos_token_id
+        # a causal tokenizer that natively starts sequences with BOS keeps doing so in our prompts
+        probe = g("a").input_ids
+        self.g_prefix = [g.bos_token_id] if (not is_seq2seq and g.bos_token_id is not None and probe
+                                             and probe[0] == g.bos_token_id) else []
+
+    # ---------------------------------------------------------------------------------- encoders
+    def questions(self, questions: Sequence[str]) -> dict:
+        enc = self.q_tok(list(questions), truncation=True, max_length=self.max_query_length, padding=True,
+                         return_tensors="pt")
+        return {"q_input_ids": enc["input_ids"], "q_attention_mask": enc["attention_mask"]}
+
+    def passages(self, passages: Sequence[Passage]) -> dict:
+        titles = [t for t, _ in passages]
+        texts = [x for _, x in passages]
+        enc = self.c_tok(titles, texts, truncation="only_second", max_length=self.max_passage_length,
+                         padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    # --------------------------------------------------------------------------------- generator
+    def _ids(self, text: str) -> list[int]:
+        return self.g_tok(text, add_special_tokens=False).input_ids
+
+    def _prompt_ids(self, question: str, passage: Passage) -> list[int]:
+        title, text = passage
+        if self.is_seq2seq:
+            return self.g_tok(f"question: {question} context: {title}. {text}", truncation=True,
+                              max_length=self.max_prompt_length).input_ids
+        q_ids = self._ids(f"\nQuestion: {question}\nAnswer:")
+        budget = max(self.max_prompt_length - len(q_ids) - len(self.g_prefix), 0)
+        ctx_ids = self._ids(f"Context: {title}. {text}")[:budget]
+        return (self.g_prefix + ctx_ids + q_ids)[-self.max_prompt_length:]
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        if self.is_seq2seq:
+            return self.g_tok(answer, truncation=True, max_length=self.max_answer_length).input_ids
+        return self._ids(" " + answer)[: self.max_answer_length - 1] + [self.g_eos]
+
+    def generator_inputs(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]],
+                         answers: Sequence[str]) -> dict:
+        """Rows ``(question_b, passage_bk, answer_b)`` in b-major order -> generator tensors.
+
+        Returns ``gen_input_ids``/``gen_attention_mask`` (B*K, L), ``target_ids`` (B*K, T) and
+        ``target_mask`` (B, T)."""
+        answer_ids = [self._answer_ids(a) for a in answers]
+        prompts, targets = [], []
+        for q, docs, a in zip(questions, passages, answer_ids):
+            for p in docs:
+                prompts.append(self._prompt_ids(q, p))
+                targets.append(a)
+        target_ids, target_mask_rows = _pad(targets, self.g_pad)
+        k = len(passages[0]) if passages else 1
+        target_mask = target_mask_rows[::k].clone()
+        if self.is_seq2seq:
+            gen_ids, gen_mask = _pad(prompts, self.g_pad)
+        else:
+            prompt_ids, prompt_mask = _pad(prompts, self.g_pad, left=True)
+            gen_ids = torch.cat([prompt_ids, target_ids], dim=1)
+            gen_mask = torch.cat([prompt_mask, target_mask_rows], dim=1)
+        return {"gen_input_ids": gen_ids, "gen_attention_mask": gen_mask, "target_ids": target_ids,
+                "target_mask": target_mask}
+
+    def generation_prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> dict:
+        """Prompts only (left-padded for causal LMs), rows in b-major order."""
+        rows = [self._prompt_ids(q, p) for q, docs in zip(questions, passages) for p in docs]
+        ids, mask = _pad(rows, self.g_pad, left=not self.is_seq2seq)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        return [s.strip() for s in self.g_tok.batch_decode(token_ids, skip_special_tokens=True)]

@@ -1,0 +1,123 @@
+"""Build the three models and their tokenizers from a :class:`~ragtrain.config.ModelConfig`.
+
+Models load from local folders only (``from_pretrained(path)``; nothing is fetched from a hub), or are built
+tiny and random from ``tiny:<family>`` specs.  Export (:func:`export_models`) writes each sub-model with
+``save_pretrained`` + its tokenizer so it reloads with plain transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from ragtrain.config import ModelConfig, RagConfig
+from ragtrain.model import tiny
+from ragtrain.model.encoders import Encoder
+from ragtrain.model.generator import Generator
+from ragtrain.model.rag import RagModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokenizers:
+    question: object
+    context: object
+    generator: object
+
+
+def _is_tiny(spec: str) -> bool:
+    return spec.startswith("tiny:")
+
+
+def _load_encoder(spec: str, mcfg: ModelConfig, base_tok, seed: int):
+    if _is_tiny(spec):
+        tok = tiny.encoder_tokenizer(base_tok)
+        model = tiny.build_tiny_model(spec.split(":", 1)[1], tok, mcfg.tiny_hidden, mcfg.tiny_layers, seed)
+        return model, tok
+    return AutoModel.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
+
+
+def _load_generator(spec: str, mcfg: ModelConfig, base_tok, seed: int):
+    if _is_tiny(spec):
+        family = spec.split(":", 1)[1]
+        tok = tiny.generator_tokenizer(base_tok, family)
+        model = tiny.build_tiny_model(family, tok, mcfg.tiny_hidden, mcfg.tiny_layers, seed + 1)
+    else:
+        conf = AutoConfig.from_pretrained(spec)
+        seq2seq = mcfg.generator_type == "seq2seq" or (mcfg.generator_type == "auto" and conf.is_encoder_decoder)
+        cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        model, tok = cls.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if mcfg.generator_type == "auto":
+        is_seq2seq = bool(model.config.is_encoder_decoder)
+    else:
+        is_seq2seq = mcfg.generator_type == "seq2seq"
+    return model, tok, is_seq2seq
+
+
+def build_rag_model(mcfg: ModelConfig, rcfg: RagConfig, corpus: Iterable[str] = (), seed: int = 0
+                    ) -> tuple[RagModel, Tokenizers]:
+    """Load/build the encoders and the generator; ``corpus`` trains the tokenizer of ``tiny:`` models."""
+    specs = (mcfg.question_encoder, mcfg.context_encoder or mcfg.question_encoder, mcfg.generator)
+    base_tok = tiny.train_word_tokenizer(corpus, mcfg.tiny_vocab) if any(map(_is_tiny, specs)) else None
+    q_model, q_tok = _load_encoder(specs[0], mcfg, base_tok, seed)
+    if mcfg.context_encoder and mcfg.context_encoder != mcfg.question_encoder:
+        c_model, c_tok = _load_encoder(specs[1], mcfg, base_tok, seed)
+    else:  # same initialisation, independent weights
+        c_model, c_tok = copy.deepcopy(q_model), q_tok
+    g_model, g_tok, is_seq2seq = _load_generator(specs[2], mcfg, base_tok, seed)
+    rag = RagModel(Encoder(q_model, mcfg.pooling, mcfg.normalize), Encoder(c_model, mcfg.pooling, mcfg.normalize),
+                   Generator(g_model, is_seq2seq), mode=rcfg.mode, loss_type=rcfg.loss_type, n_docs=rcfg.n_docs,
+                   retrieval_loss_weight=rcfg.retrieval_loss_weight,
+                   retrieval_temperature=rcfg.retrieval_temperature)
+    return rag, Tokenizers(q_tok, c_tok, g_tok)
+
+
+SUBMODELS = {"question_encoder": ("question_encoder", "question"),
+             "context_encoder": ("context_encoder", "context"),
+             "generator": ("generator", "generator")}
+
+
+def export_models(rag: RagModel, tokenizers: Tokenizers, out_dir: Path, state_dict: dict | None = None,
+                  extra: dict | None = None) -> None:
+    """Write ``out_dir/{question_encoder,context_encoder,generator}/`` with ``save_pretrained``.
+
+    ``state_dict``: full (gathered) state dict of ``rag`` -- needed under ZeRO-3, where the live parameters are
+    partitioned.  ``extra`` goes to ``out_dir/ragtrain.json`` (pooling, generator type, ... for ``ragtrain eval``).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, (attr, tok_attr) in SUBMODELS.items():
+        hf_model = getattr(rag, attr).model
+        sub_sd = None
+        if state_dict is not None:
+            prefix = f"{attr}.model."
+            sub_sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        hf_model.save_pretrained(out_dir / name, state_dict=sub_sd, safe_serialization=True)
+        getattr(tokenizers, tok_attr).save_pretrained(out_dir / name)
+    meta = {"pooling": rag.question_encoder.pooling, "normalize": rag.question_encoder.normalize,
+            "is_seq2seq": rag.generator.is_seq2seq, "loss_type": rag.loss_type, "n_docs": rag.n_docs,
+            **(extra or {})}
+    (out_dir / "ragtrain.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_exported(path: Path, mode: str = "original") -> tuple[RagModel, Tokenizers, dict]:
+    """Reload a directory written by :func:`export_models`."""
+    meta = json.loads((path / "ragtrain.json").read_text())
+    q = AutoModel.from_pretrained(path / "question_encoder")
+    c = AutoModel.from_pretrained(path / "context_encoder")
+    cls = AutoModelForSeq2SeqLM if meta["is_seq2seq"] else AutoModelForCausalLM
+    g = cls.from_pretrained(path / "generator")
+    toks = Tokenizers(*(AutoTokenizer.from_pretrained(path / n) for n in SUBMODELS))
+    if toks.generator.pad_token is None:
+        toks.generator.pad_token = toks.generator.eos_token
+    rag = RagModel(Encoder(q, meta["pooling"], meta["normalize"]), Encoder(c, meta["pooling"], meta["normalize"]),
+                   Generator(g, meta["is_seq2seq"]), mode=mode, loss_type=meta["loss_type"], n_docs=meta["n_docs"])
+    return rag, toks, meta

@@ -1,0 +1,72 @@
+"""Retrievers behind one interface: dense (FAISS over context-encoder vectors), BM25 (bm25s) and hybrid.
+
+``search(query_vectors, questions, k) -> (scores (B, k) float32, ids (B, k) int64)``.  Dense uses the vectors,
+BM25 the question text, hybrid fuses both rankings with reciprocal-rank fusion.  These objects live on rank 0
+only; the trainer routes queries to them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ragtrain.index.faiss_index import DenseIndex
+
+
+class Retriever(Protocol):
+    def search(self, query_vectors: np.ndarray, questions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        ...
+
+
+class DenseRetriever:
+    def __init__(self, index: DenseIndex):
+        self.index = index
+
+    def search(self, query_vectors, questions, k):
+        return self.index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
+
+
+class BM25Retriever:
+    """Lexical retrieval with bm25s (English stop words)."""
+
+    def __init__(self, texts: Sequence[str], stopwords: str = "en"):
+        import bm25s
+
+        self._bm25s = bm25s
+        self.stopwords = stopwords
+        self.model = bm25s.BM25()
+        self.model.index(bm25s.tokenize(list(texts), stopwords=stopwords, show_progress=False),
+                         show_progress=False)
+        self.n = len(texts)
+
+    def search(self, query_vectors, questions, k):
+        if k > self.n:
+            raise ValueError(f"k={k} is larger than the knowledge base ({self.n} passages)")
+        tokens = self._bm25s.tokenize(list(questions), stopwords=self.stopwords, show_progress=False)
+        ids, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
+        return scores.astype(np.float32), ids.astype(np.int64)
+
+
+class HybridRetriever:
+    """Reciprocal-rank fusion of dense and BM25 rankings (each searched ``depth`` deep)."""
+
+    def __init__(self, dense: DenseRetriever, bm25: BM25Retriever, depth: int = 50, rrf_k: float = 60.0):
+        self.dense, self.bm25, self.depth, self.rrf_k = dense, bm25, depth, rrf_k
+
+    def search(self, query_vectors, questions, k):
+        depth = min(max(self.depth, k), self.bm25.n)
+        _, d_ids = self.dense.search(query_vectors, questions, depth)
+        _, b_ids = self.bm25.search(query_vectors, questions, depth)
+        out_ids = np.zeros((len(d_ids), k), dtype=np.int64)
+        out_scores = np.zeros((len(d_ids), k), dtype=np.float32)
+        for row, (dr, br) in enumerate(zip(d_ids, b_ids)):
+            fused: dict[int, float] = {}
+            for ranking in (dr, br):
+                for rank, pid in enumerate(ranking):
+                    if pid >= 0:
+                        fused[int(pid)] = fused.get(int(pid), 0.0) + 1.0 / (self.rrf_k + rank + 1)
+            best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
+            out_ids[row] = [p for p, _ in best]
+            out_scores[row] = [s for _, s in best]
+        return out_scores, out_ids

@@ -1,0 +1,496 @@
+"""The training loop -- the only place in ragtrain that knows about Accelerate and DeepSpeed.
+
+One step::
+
+    questions -> question encoder (all ranks) -> vectors gathered to rank 0 -> one FAISS search
+      -> ids (+ stored vectors) broadcast back -> each rank reads its passages from the memory-mapped KB
+      -> RagModel.forward (live re-encoding in end2end mode) -> loss -> backward -> optimizer step
+    every refresh step: every rank encodes an equal-batch slice of the KB -> rank 0 builds + publishes the index
+
+Run it with ``python train.py --config launch/recipes/tiny-cpu.yaml`` or any Accelerate/DeepSpeed launcher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (DataLoaderConfiguration, DeepSpeedPlugin, DistributedDataParallelKwargs,
+                              InitProcessGroupKwargs, set_seed)
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from ragtrain.config import Config, ConfigError, dump_config
+from ragtrain.data.collate import RagCollator
+from ragtrain.data.kb import build_kb, load_kb
+from ragtrain.data.qa import load_qa, split_by_article
+from ragtrain.eval.evaluate import predict, summarize
+from ragtrain.index.faiss_index import DenseIndex
+from ragtrain.index.refresh import IndexStore, RefreshSchedule
+from ragtrain.model.loading import build_rag_model, export_models
+from ragtrain.retrieval import BM25Retriever, DenseRetriever, HybridRetriever
+from ragtrain.train import checkpoint as ckpt
+from ragtrain.train import distributed as D
+
+log = logging.getLogger("ragtrain")
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """Accelerator for this host: bf16 where supported, gloo process groups on hosts without CUDA (the only
+    way DeepSpeed runs on CPU ranks), DeepSpeed when a ds config is given or the launcher asks for it."""
+    tc = cfg.train
+    mp = tc.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    timeout = timedelta(seconds=tc.process_group_timeout_s)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched with several processes
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                               timeout=timeout))
+    kwargs = {}
+    if tc.deepspeed_config:
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=tc.deepspeed_config,
+                                                     gradient_accumulation_steps=tc.gradient_accumulation_steps,
+                                                     gradient_clipping=tc.max_grad_norm)
+    return Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps, mixed_precision=mp,
+                       log_with="tensorboard", project_dir=cfg.output_dir, kwargs_handlers=handlers,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+                       **kwargs)
+
+
+def _fingerprint(sources: list[str], passage_words: int) -> str:
+    h = hashlib.sha256(str(passage_words).encode())
+    for s in sources:
+        st = os.stat(s)
+        h.update(f"{os.path.abspath(s)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.accelerator = make_accelerator(cfg)
+        acc = self.accelerator
+        self.is_main = acc.is_main_process
+        logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+        set_seed(cfg.seed)
+        self.kb = self._prepare_kb()
+        if cfg.rag.n_docs > len(self.kb):
+            raise ConfigError(f"rag.n_docs: {cfg.rag.n_docs} is larger than the knowledge base "
+                              f"({len(self.kb)} passages)")
+        self.splits = self._load_qa()
+        corpus = self._tokenizer_corpus()
+        self.rag, self.tokenizers = build_rag_model(cfg.model, cfg.rag, corpus, seed=cfg.seed)
+        m = cfg.model
+        self.collator = RagCollator(self.tokenizers.question, self.tokenizers.context, self.tokenizers.generator,
+                                    is_seq2seq=self.rag.generator.is_seq2seq, max_query_length=m.max_query_length,
+                                    max_passage_length=m.max_passage_length, max_prompt_length=m.max_prompt_length,
+                                    max_answer_length=m.max_answer_length)
+        self.optimizer = self._optimizer()
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
+        loader = DataLoader(_Examples(self.splits["train"]), batch_size=cfg.train.batch_size, shuffle=True,
+                            collate_fn=self._collate, num_workers=cfg.train.num_workers, drop_last=False)
+        self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(
+            self.rag, self.optimizer, loader, self.scheduler)
+        self.is_zero3 = bool(acc.state.deepspeed_plugin and acc.state.deepspeed_plugin.zero_stage == 3)
+        self.store = IndexStore(self.out / "index", keep=cfg.index.keep_versions)
+        self.schedule = RefreshSchedule.parse(cfg.index.refresh_every)
+        self.retriever = None  # rank 0 only
+        self.embeddings = None  # rank 0 only, (N, d) stored passage vectors
+        self.index_version = 0
+        self.last_refresh_step = 0
+        self.refresh_seconds = 0.0
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._loss_sum = 0.0
+        self._loss_n = 0
+        self._metrics_path = self.out / "metrics.jsonl"
+        if self.is_main:
+            acc.init_trackers("tensorboard", config=_flat_hparams(cfg))
+        resumed = cfg.resume and self._resume()
+        if not resumed:
+            self.refresh_index()
+
+    # ------------------------------------------------------------------------------------ set-up
+    def _prepare_kb(self):
+        cfg = self.cfg.data
+        kb_dir = Path(cfg.kb_dir) if cfg.kb_dir else self.out / "kb"
+        if cfg.kb:
+            fp = _fingerprint(cfg.kb, cfg.passage_words)
+            stamp = kb_dir / "ragtrain_sources.json"
+            if self.is_main:
+                current = json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
+                if current != fp:
+                    log.info("building knowledge base from %s into %s", ", ".join(cfg.kb), kb_dir)
+                    build_kb(cfg.kb, kb_dir, passage_words=cfg.passage_words, skip_bad_rows=cfg.skip_bad_rows)
+                    ckpt.write_text_atomic(stamp, json.dumps({"fingerprint": fp, "sources": cfg.kb}))
+            D.barrier()
+        return load_kb(kb_dir)
+
+    def _load_qa(self) -> dict[str, list[dict]]:
+        d = self.cfg.data
+        kw = dict(kb=self.kb, passage_words=d.passage_words, skip_bad_rows=d.skip_bad_rows)
+        train = load_qa(d.train, **kw)
+        if d.split_by_article:
+            splits = split_by_article(train, tuple(d.split_fractions), seed=self.cfg.seed)
+        else:
+            splits = {"train": train, "validation": [], "test": []}
+        for key in ("validation", "test"):
+            if getattr(d, key):
+                splits[key] = load_qa(getattr(d, key), **kw)
+        if not splits["train"]:
+            raise ConfigError(f"data.train: no training examples in {d.train}")
+        if d.max_eval_examples:
+            for key in ("validation", "test"):
+                splits[key] = splits[key][: d.max_eval_examples]
+        log.info("QA examples: %s", {k: len(v) for k, v in splits.items()})
+        return splits
+
+    def _tokenizer_corpus(self) -> list[str]:
+        n = min(len(self.kb), 50_000)
+        rows = self.kb.select(range(n))
+        texts = [f"{t} {x}" for t, x in zip(rows["title"], rows["text"])]
+        for ex in self.splits["train"]:
+            texts.append(ex["question"] + " " + " ".join(ex["answers"]))
+        return texts
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        tc = self.cfg.train
+        groups = []
+        for name, lr in (("generator", tc.generator_lr), ("question_encoder", tc.question_encoder_lr),
+                         ("context_encoder", tc.context_encoder_lr)):
+            params = [p for p in getattr(self.rag, name).parameters() if p.requires_grad]
+            if params and self.rag.is_trained(name):
+                groups.append({"params": params, "lr": lr, "weight_decay": tc.weight_decay, "name": name})
+        return torch.optim.AdamW(groups)
+
+    def _collate(self, examples: list[dict]) -> dict:
+        batch = self.collator.questions([e["question"] for e in examples])
+        batch["questions"] = [e["question"] for e in examples]
+        batch["answers"] = [e["answers"][0] for e in examples]
+        batch["gold_ids"] = torch.tensor([int(e.get("gold_passage_id", -1)) for e in examples], dtype=torch.long)
+        return batch
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------------------- retrieval
+    def search(self, q: torch.Tensor, questions: list[str], k: int, gold_ids: torch.Tensor | None = None,
+               with_embeddings: bool = False) -> dict:
+        """Route this rank's queries to rank 0's retriever; returns ``scores``/``ids`` (and stored
+        ``doc_embeddings``/``gold_embeddings``) for this rank's rows."""
+        needs_text = self.cfg.index.retriever != "dense"
+        all_questions = [x for part in D.gather_objects(list(questions)) for x in part] if needs_text else []
+        inputs = {"q": q.detach().float()}
+        if gold_ids is not None:
+            inputs["gold"] = gold_ids.to(q.device)
+
+        def on_rank0(g: dict) -> dict:
+            scores, ids = self.retriever.search(g["q"].numpy(), all_questions, k)
+            ids = np.where(ids < 0, 0, ids)
+            out = {"scores": torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)),
+                   "ids": torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))}
+            if with_embeddings:
+                out["doc_embeddings"] = torch.from_numpy(self._rows(ids))
+                if "gold" in g:
+                    out["gold_embeddings"] = torch.from_numpy(self._rows(g["gold"].clamp(min=0).numpy()))
+            return out
+
+        return D.rank0_compute(on_rank0, inputs)
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        flat = ids.reshape(-1)
+        return np.asarray(self.embeddings[flat], dtype=np.float32).reshape(*ids.shape, -1)
+
+    def _passages(self, ids: torch.Tensor) -> list[list[tuple[str, str]]]:
+        b, k = ids.shape
+        rows = self.kb.select(ids.reshape(-1).tolist())
+        titles, texts = rows["title"], rows["text"]
+        return [[(titles[i * k + j], texts[i * k + j]) for j in range(k)] for i in range(b)]
+
+    def _make_retrieve(self, batch: dict):
+        device = self.accelerator.device
+
+        def retrieve(q: torch.Tensor, live_context: bool, with_gold: bool) -> dict:
+            gold = batch["gold_ids"] if with_gold else None
+            res = self.search(q, batch["questions"], self.cfg.rag.n_docs, gold, with_embeddings=not live_context)
+            passages = self._passages(res["ids"])
+            out = self.collator.generator_inputs(batch["questions"], passages, batch["answers"])
+            out["doc_ids"] = res["ids"]
+            if live_context:
+                ctx = self.collator.passages([p for ps in passages for p in ps])
+                out["ctx_input_ids"], out["ctx_attention_mask"] = ctx["input_ids"], ctx["attention_mask"]
+            else:
+                out["doc_embeddings"] = res["doc_embeddings"]
+            if with_gold:
+                out["gold_ids"] = batch["gold_ids"].cpu()
+                if live_context:
+                    gold_rows = self.kb.select(batch["gold_ids"].clamp(min=0).tolist())
+                    g = self.collator.passages(list(zip(gold_rows["title"], gold_rows["text"])))
+                    out["gold_input_ids"], out["gold_attention_mask"] = g["input_ids"], g["attention_mask"]
+                else:
+                    out["gold_embeddings"] = res["gold_embeddings"]
+            return {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
+
+        return retrieve
+
+    # --------------------------------------------------------------------------------- refresh
+    @torch.no_grad()
+    def encode_kb(self) -> np.ndarray | None:
+        """Every rank encodes an equal-batch-count slice of the KB; rank 0 returns all (N, d) vectors."""
+        enc = self.unwrapped.context_encoder
+        was_training = enc.training
+        enc.eval()
+        bs = self.cfg.index.encode_batch_size
+        n = len(self.kb)
+        my = D.equal_slices(n, D.world(), bs)[D.rank()]
+        chunks = []
+        n_b = D.n_batches(n, D.world(), bs)
+        for b in tqdm(range(n_b), desc=f"encode KB ({n} passages)", disable=not self.is_main):
+            lo = my.start + b * bs
+            hi = min(lo + bs, my.stop)
+            real = hi > lo
+            rows = self.kb.select(range(lo, hi) if real else range(0, 1))
+            inputs = self.collator.passages(list(zip(rows["title"], rows["text"])))
+            with self.accelerator.autocast():
+                emb = enc(inputs["input_ids"].to(self.accelerator.device),
+                          inputs["attention_mask"].to(self.accelerator.device))
+            if real:
+                chunks.append(emb.float().cpu())
+        enc.train(was_training)
+        dim = self.unwrapped.context_encoder.dim
+        local = torch.cat(chunks) if chunks else torch.zeros((0, dim))
+        allv, _ = D.gather_rows(local.to(self.accelerator.device))
+        return allv.cpu().numpy() if self.is_main else None
+
+    def refresh_index(self) -> None:
+        """Re-encode the KB with the current context encoder and swap in a new index version."""
+        t0 = time.time()
+        emb = self.encode_kb()
+        if self.is_main:
+            ic = self.cfg.index
+            index = DenseIndex.build(emb, kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, hnsw_m=ic.hnsw_m,
+                                     use_gpu=ic.use_gpu, gpu_fp16=ic.gpu_fp16)
+            version = self.store.publish(index, emb, step=self.step)
+            self._install(index, emb)
+            log.info("index v%d built at step %d (%d passages) in %.1fs", version, self.step, len(emb),
+                     time.time() - t0)
+        else:
+            version = None
+        self.index_version = D.broadcast_object(version)
+        self.last_refresh_step = self.step
+        self.refresh_seconds += time.time() - t0
+
+    def _install(self, index: DenseIndex, emb: np.ndarray) -> None:
+        dense = DenseRetriever(index)
+        self.embeddings = emb
+        kind = self.cfg.index.retriever
+        if kind == "dense":
+            self.retriever = dense
+            return
+        if getattr(self, "_bm25", None) is None:
+            self._bm25 = BM25Retriever([f"{t} {x}" for t, x in zip(self.kb["title"], self.kb["text"])])
+        self.retriever = self._bm25 if kind == "bm25" else HybridRetriever(dense, self._bm25)
+
+    # ----------------------------------------------------------------------------------- train
+    def train(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        tc = cfg.train
+        pbar = tqdm(total=tc.max_steps, initial=self.step, desc="train", disable=not self.is_main)
+        t_start = time.time()
+        self.model.train()
+        while self.step < tc.max_steps:
+            self.train_loader.set_epoch(self.epoch)
+            loader = self.train_loader
+            if self.batch_in_epoch:
+                loader = acc.skip_first_batches(self.train_loader, self.batch_in_epoch)
+            for batch in loader:
+                with acc.accumulate(self.model):
+                    out = self.model(batch["q_input_ids"], batch["q_attention_mask"],
+                                     retrieve=self._make_retrieve(batch))
+                    acc.backward(out.loss)
+                    if acc.sync_gradients and tc.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad()
+                self.batch_in_epoch += 1
+                self._loss_sum += float(acc.reduce(out.loss.detach(), "mean"))
+                self._loss_n += 1
+                if not acc.sync_gradients:
+                    continue
+                self.step += 1
+                pbar.update(1)
+                self._after_step(out)
+                if self.step >= tc.max_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        pbar.close()
+        train_seconds = time.time() - t_start
+        final = self.evaluate_and_log("test" if self.splits["test"] else "validation", final=True)
+        self.export()
+        acc.end_training()
+        final.update({"train_seconds": train_seconds, "refresh_seconds": self.refresh_seconds})
+        return final
+
+    def _after_step(self, out) -> None:
+        tc = self.cfg.train
+        lr = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        if self.step % max(tc.log_every, 1) == 0 or self.step == 1:
+            logs = {"train/loss": self._loss_sum / max(self._loss_n, 1),
+                    "train/retrieval_loss": float(out.retrieval_loss), "index/version": self.index_version}
+            logs.update({f"lr/{k}": v for k, v in lr.items()})
+            self.accelerator.log(logs, step=self.step)
+        if self.schedule and self.schedule.should_refresh(self.step):
+            self.refresh_index()
+            self.accelerator.log({"index/last_refresh_step": self.last_refresh_step}, step=self.step)
+        if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
+            self.evaluate_and_log("validation")
+        if tc.save_every and self.step % tc.save_every == 0:
+            self.save_checkpoint()
+
+    # -------------------------------------------------------------------------------- evaluate
+    def evaluate(self, examples: list[dict]) -> dict:
+        ec, n_docs = self.cfg.eval, self.cfg.rag.n_docs
+        mine = examples[D.rank()::D.world()]
+        n_b = math.ceil(math.ceil(len(examples) / D.world()) / ec.batch_size)
+        rag = self.unwrapped
+
+        def search(q, questions, k):
+            res = self.search(q, list(questions), k)
+            return res["scores"].numpy(), res["ids"].numpy()
+
+        with self.accelerator.autocast():
+            records = predict(rag, self.collator, search, self.kb, mine, n_docs=n_docs,
+                              recall_depth=min(max(ec.recall_ks), len(self.kb)), batch_size=ec.batch_size,
+                              num_beams=ec.num_beams, max_new_tokens=ec.max_new_tokens,
+                              device=self.accelerator.device, synced_gpus=self.is_zero3 and D.world() > 1,
+                              show_progress=self.is_main, pad_to_batches=n_b)
+        records = [r for part in D.gather_objects(records) for r in part]
+        return summarize(records, [k for k in ec.recall_ks]), records
+
+    def evaluate_and_log(self, split: str, final: bool = False) -> dict:
+        examples = self.splits.get(split) or []
+        row = {"step": self.step, "split": split, "loss": self._loss_sum / max(self._loss_n, 1),
+               "index_version": self.index_version, "last_refresh_step": self.last_refresh_step}
+        self._loss_sum, self._loss_n = 0.0, 0
+        if examples:
+            metrics, records = self.evaluate(examples)
+            row.update(metrics)
+            if final and self.is_main:
+                with open(self.out / f"predictions_{split}.jsonl", "w") as f:
+                    for r in records:
+                        f.write(json.dumps(r) + "\n")
+        if self.is_main:
+            with open(self._metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("eval %s", json.dumps(row))
+        self.accelerator.log({f"{split}/{k}": v for k, v in row.items() if isinstance(v, (int, float))},
+                             step=self.step)
+        return row
+
+    # ------------------------------------------------------------------------- save / resume
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "index_version": self.index_version, "last_refresh_step": self.last_refresh_step,
+                "world_size": D.world(), "mode": self.cfg.rag.mode}
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.trainer_state(),
+                                    self.accelerator.save_state, is_main=self.is_main, barrier=D.barrier)
+        log.info("checkpoint written: %s", path)
+        return path
+
+    def _resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            log.warning("resume=true but no checkpoint under %s; starting fresh", self.out / "checkpoints")
+            return False
+        self.accelerator.load_state(str(path))
+        state = ckpt.read_state(path)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.last_refresh_step = state["last_refresh_step"]
+        if self.is_main:
+            version = self.store.current_version()
+            if version != state["index_version"]:
+                log.warning("index version %s on disk differs from the checkpoint's %s", version,
+                            state["index_version"])
+            index, emb, _ = self.store.load_current(use_gpu=self.cfg.index.use_gpu)
+            self._install(index, emb)
+        self.index_version = D.broadcast_object(self.store.current_version() if self.is_main else None)
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def export(self) -> Path:
+        """``OUTPUT_DIR/final/{question_encoder,context_encoder,generator}`` (+ the live index), atomically."""
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(self.model)  # gathers ZeRO-3 partitions (collective: all ranks)
+        final = self.out / "final"
+        if self.is_main:
+            tmp = self.out / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            export_models(self.unwrapped, self.tokenizers, tmp, state_dict=state_dict,
+                          extra={"kb_dir": str(Path(self.kb.cache_files[0]["filename"]).parent),
+                                 "index_version": self.index_version, "step": self.step,
+                                 "max_query_length": self.cfg.model.max_query_length,
+                                 "max_passage_length": self.cfg.model.max_passage_length,
+                                 "max_prompt_length": self.cfg.model.max_prompt_length,
+                                 "max_answer_length": self.cfg.model.max_answer_length})
+            src = self.store.current_dir()
+            if src is not None:
+                shutil.copytree(src, tmp / "index", copy_function=_link_or_copy)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            log.info("exported models to %s", final)
+        D.barrier()
+        return final
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _flat_hparams(cfg: Config) -> dict:
+    out = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                out[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+        else:
+            out[section] = values if isinstance(values, (int, float, str, bool)) else str(values)
+    return out
