@@ -132,6 +132,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self._loss_sum = 0.0
         self._loss_n = 0
+        self._step_losses: list[float] = []
         self._metrics_path = self.out / "metrics.jsonl"
         if self.is_main:
             acc.init_trackers("tensorboard", config=_flat_hparams(cfg))
@@ -344,8 +345,10 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad()
                 self.batch_in_epoch += 1
-                self._loss_sum += float(acc.reduce(out.loss.detach(), "mean"))
+                step_loss = float(acc.reduce(out.loss.detach(), "mean"))
+                self._loss_sum += step_loss
                 self._loss_n += 1
+                self._step_losses.append(step_loss)
                 if not acc.sync_gradients:
                     continue
                 self.step += 1
@@ -366,6 +369,11 @@ class Trainer:
 
     def _after_step(self, out) -> None:
         tc = self.cfg.train
+        if self.is_main:  # one row per optimizer step: mean loss over its micro-batches (all ranks)
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "loss": sum(self._step_losses) / len(self._step_losses),
+                                    "index_version": self.index_version}) + "\n")
+        self._step_losses = []
         lr = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         if self.step % max(tc.log_every, 1) == 0 or self.step == 1:
             logs = {"train/loss": self._loss_sum / max(self._loss_n, 1),

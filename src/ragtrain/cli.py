@@ -1,0 +1,167 @@
+"""``ragtrain`` command line: ``kb`` (ingest), ``index`` (encode + build), ``train``, ``eval``.
+
+    ragtrain kb data/kb.csv data/more.jsonl --out kb_dir --passage-words 100
+    ragtrain index --checkpoint runs/x/final --kb kb_dir --out index_dir
+    ragtrain train --config launch/recipes/tiny-cpu.yaml output_dir=runs/x
+    ragtrain eval --checkpoint runs/x/final --data qa.jsonl [--kb kb_dir] [--n-docs 5]
+
+Bad input exits with status 2 and a one-line ``error: ...`` naming the file, row or key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_kb(args) -> dict:
+    from ragtrain.data.kb import build_kb
+
+    ds, stats = build_kb(args.sources, args.out, passage_words=args.passage_words,
+                         skip_bad_rows=args.skip_bad_rows, return_stats=True)
+    return {"out": args.out, "passages": len(ds), "documents": stats["documents"], "skipped": stats["skipped"]}
+
+
+def _encode_kb(rag, collator, kb, batch_size: int):
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    vecs = []
+    rag.eval()
+    with torch.no_grad():
+        for lo in tqdm(range(0, len(kb), batch_size), desc="encode KB"):
+            rows = kb.select(range(lo, min(lo + batch_size, len(kb))))
+            x = collator.passages(list(zip(rows["title"], rows["text"])))
+            vecs.append(rag.encode_passages(x["input_ids"], x["attention_mask"]).float().numpy())
+    return np.concatenate(vecs)
+
+
+def _load_checkpoint(path: Path):
+    from ragtrain.data.collate import RagCollator
+    from ragtrain.model.loading import load_exported
+
+    if not (path / "ragtrain.json").is_file():
+        raise FileNotFoundError(f"{path}: not an exported ragtrain checkpoint (no ragtrain.json)")
+    rag, toks, meta = load_exported(path)
+    collator = RagCollator(toks.question, toks.context, toks.generator, is_seq2seq=meta["is_seq2seq"],
+                           **{k: meta[k] for k in ("max_query_length", "max_passage_length", "max_prompt_length",
+                                                  "max_answer_length") if k in meta})
+    return rag, collator, meta
+
+
+def _cmd_index(args) -> dict:
+    from ragtrain.data.kb import load_kb
+    from ragtrain.index.faiss_index import DenseIndex
+    from ragtrain.index.refresh import IndexStore
+
+    rag, collator, _ = _load_checkpoint(Path(args.checkpoint))
+    kb = load_kb(args.kb)
+    emb = _encode_kb(rag, collator, kb, args.batch_size)
+    index = DenseIndex.build(emb, kind=args.kind)
+    version = IndexStore(Path(args.out)).publish(index, emb, step=0, extra={"kb": str(args.kb)})
+    return {"out": args.out, "version": version, "ntotal": index.ntotal, "dim": index.dim}
+
+
+def _cmd_eval(args) -> dict:
+    from ragtrain.data.kb import load_kb
+    from ragtrain.data.qa import load_qa
+    from ragtrain.eval.evaluate import predict, summarize
+    from ragtrain.index.faiss_index import DenseIndex
+    from ragtrain.index.refresh import IndexStore
+
+    ckpt = Path(args.checkpoint)
+    rag, collator, meta = _load_checkpoint(ckpt)
+    kb_dir = args.kb or meta.get("kb_dir")
+    if not kb_dir:
+        raise FileNotFoundError("no --kb given and the checkpoint records none")
+    kb = load_kb(kb_dir)
+    if args.index:
+        index, _, _ = IndexStore(Path(args.index)).load_current()
+    elif not args.kb and (ckpt / "index" / "index.faiss").is_file():
+        index = DenseIndex.load(ckpt / "index")
+    else:
+        index = DenseIndex.build(_encode_kb(rag, collator, kb, args.batch_size))
+    if index.ntotal != len(kb):
+        raise ValueError(f"index has {index.ntotal} vectors but the KB {kb_dir} has {len(kb)} passages")
+    examples = load_qa(args.data, kb=kb)
+    if args.max_examples:
+        examples = examples[: args.max_examples]
+    n_docs = args.n_docs or meta["n_docs"]
+    ks = [int(k) for k in args.recall_ks.split(",")]
+
+    def search(q, questions, k):
+        return index.search(q.detach().float().numpy(), k)
+
+    records = predict(rag, collator, search, kb, examples, n_docs=n_docs, recall_depth=min(max(ks), len(kb)),
+                      batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    report = summarize(records, ks)
+    if args.predictions:
+        with open(args.predictions, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ragtrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    k = sub.add_parser("kb", help="ingest CSV/TSV/JSONL/SQuAD files into a passage dataset on disk")
+    k.add_argument("sources", nargs="+")
+    k.add_argument("--out", required=True)
+    k.add_argument("--passage-words", type=int, default=100)
+    k.add_argument("--skip-bad-rows", action="store_true")
+
+    i = sub.add_parser("index", help="encode a KB with an exported context encoder and build a FAISS index")
+    i.add_argument("--checkpoint", required=True, help="exported dir (OUTPUT_DIR/final)")
+    i.add_argument("--kb", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"])
+    i.add_argument("--batch-size", type=int, default=64)
+
+    t = sub.add_parser("train", help="train (same as python train.py)")
+    t.add_argument("--config")
+    t.add_argument("--deepspeed", default="")
+    t.add_argument("overrides", nargs="*")
+
+    e = sub.add_parser("eval", help="retrieve + generate over a QA file; prints one JSON object")
+    e.add_argument("--checkpoint", required=True, help="exported dir (OUTPUT_DIR/final)")
+    e.add_argument("--data", required=True, help="QA file (jsonl / squad json / .source)")
+    e.add_argument("--kb", default="", help="KB dir (default: the one recorded in the checkpoint)")
+    e.add_argument("--index", default="", help="index store dir (default: the checkpoint's index, or re-encode)")
+    e.add_argument("--n-docs", type=int, default=0)
+    e.add_argument("--num-beams", type=int, default=1)
+    e.add_argument("--max-new-tokens", type=int, default=24)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-examples", type=int, default=0)
+    e.add_argument("--recall-ks", default="1,5,20")
+    e.add_argument("--predictions", default="", help="write per-question predictions (JSONL) here")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ragtrain.config import ConfigError
+    from ragtrain.data.errors import DataError
+
+    if args.command == "train":
+        from ragtrain.train.run import main as train_main
+
+        argv2 = (["--config", args.config] if args.config else []) + \
+                (["--deepspeed", args.deepspeed] if args.deepspeed else []) + args.overrides
+        return train_main(argv2)
+    try:
+        result = {"kb": _cmd_kb, "index": _cmd_index, "eval": _cmd_eval}[args.command](args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Entry point shared by ``train.py`` and ``ragtrain train``."""
+
+import argparse
+import json
+import sys
+
+from ragtrain.config import ConfigError, load_config
+from ragtrain.data.errors import DataError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a RAG system end to end (see train.py)", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML recipe (launch/recipes/*.yaml)")
+    p.add_argument("--deepspeed", default="", help="DeepSpeed JSON config (set by the deepspeed launcher)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rag.n_docs=3 output_dir=runs/x")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.deepspeed:
+        overrides.append(f"train.deepspeed_config={args.deepspeed}")
+    try:
+        cfg = load_config(args.config, overrides)
+        from ragtrain.train.trainer import Trainer  # heavy imports after the config is known to be valid
+
+        result = Trainer(cfg).train()
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
