@@ -146,3 +146,23 @@ def test_n_docs_larger_than_kb_is_rejected_before_models_load(tmp_path, monkeypa
     monkeypatch.setattr(T, "build_rag_model", boom)
     with pytest.raises(ConfigError, match="rag.n_docs"):
         T.Trainer(load_config(None, tiny_overrides(tmp_path / "x", **{"rag.n_docs": 10_000})))
+
+
+def test_lora_on_generator_and_encoders(tiny_cfg, tmp_path):
+    tr = Trainer(tiny_cfg(**{"model.lora": "generator,question_encoder,context_encoder", "model.lora_r": 4,
+                             "train.max_steps": 2, "index.refresh_every": 2}))
+    gen = tr.unwrapped.generator.model
+    trainable = {n for n, p in gen.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in gen.named_parameters() if "lora_B" in n}
+    base_before = {n: p.detach().clone() for n, p in gen.named_parameters() if "lora_" not in n}
+    tr.train()
+    after = dict(gen.named_parameters())
+    assert any(not torch.equal(after[n], v) for n, v in before.items()), "LoRA adapters did not train"
+    assert all(torch.equal(after[n], v) for n, v in base_before.items()), "base weights must stay frozen"
+    out = tmp_path / "run" / "final"
+    assert (out / "generator_lora_adapter" / "adapter_config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "generator")
+    assert not any("lora" in n for n, _ in merged.named_parameters())

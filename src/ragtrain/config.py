@@ -52,6 +52,11 @@ class ModelConfig:
     max_passage_length: int = 128
     max_prompt_length: int = 256
     max_answer_length: int = 32
+    lora: list[str] = field(default_factory=list)  # sub-models with LoRA: generator, question_encoder, context_encoder
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=list)  # empty: per-architecture defaults
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_vocab: int = 2000
@@ -303,6 +308,12 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     positive("rag.retrieval_loss_weight", cfg.rag.retrieval_loss_weight, allow_zero=True)
     positive("rag.retrieval_temperature", cfg.rag.retrieval_temperature)
     positive("data.passage_words", cfg.data.passage_words)
+    for i, name in enumerate(cfg.model.lora):
+        if name not in ("generator", "question_encoder", "context_encoder"):
+            raise ConfigError(f"model.lora[{i}]: unknown sub-model {name!r} "
+                              "(choose from generator, question_encoder, context_encoder)")
+    positive("model.lora_r", cfg.model.lora_r)
+    positive("model.lora_alpha", cfg.model.lora_alpha)
     for key in ("max_query_length", "max_passage_length", "max_prompt_length", "max_answer_length",
                 "tiny_hidden", "tiny_layers", "tiny_vocab"):
         positive(f"model.{key}", getattr(cfg.model, key))

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from ragtrain.config import ModelConfig, RagConfig
 from ragtrain.model import tiny
+from ragtrain.model.lora import apply_lora, is_lora, merged_copy
 from ragtrain.model.encoders import Encoder
 from ragtrain.model.generator import Generator
 from ragtrain.model.rag import RagModel
@@ -74,6 +75,14 @@ def build_rag_model(mcfg: ModelConfig, rcfg: RagConfig, corpus: Iterable[str] = 
     else:  # same initialisation, independent weights
         c_model, c_tok = copy.deepcopy(q_model), q_tok
     g_model, g_tok, is_seq2seq = _load_generator(specs[2], mcfg, base_tok, seed)
+    lora_kw = dict(r=mcfg.lora_r, alpha=mcfg.lora_alpha, dropout=mcfg.lora_dropout,
+                   target_modules=mcfg.lora_target_modules or None)
+    if "question_encoder" in mcfg.lora:
+        q_model = apply_lora(q_model, **lora_kw)
+    if "context_encoder" in mcfg.lora:
+        c_model = apply_lora(c_model, **lora_kw)
+    if "generator" in mcfg.lora:
+        g_model = apply_lora(g_model, **lora_kw)
     rag = RagModel(Encoder(q_model, mcfg.pooling, mcfg.normalize), Encoder(c_model, mcfg.pooling, mcfg.normalize),
                    Generator(g_model, is_seq2seq), mode=rcfg.mode, loss_type=rcfg.loss_type, n_docs=rcfg.n_docs,
                    retrieval_loss_weight=rcfg.retrieval_loss_weight,
@@ -100,6 +109,11 @@ def export_models(rag: RagModel, tokenizers: Tokenizers, out_dir: Path, state_di
         if state_dict is not None:
             prefix = f"{attr}.model."
             sub_sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if is_lora(hf_model):
+            if sub_sd is not None:  # gathered weights (ZeRO-3): load them into the live copy first
+                hf_model.load_state_dict(sub_sd, strict=False)
+            hf_model.save_pretrained(out_dir / f"{name}_lora_adapter")  # adapters alone
+            hf_model, sub_sd = merged_copy(hf_model), None
         hf_model.save_pretrained(out_dir / name, state_dict=sub_sd, safe_serialization=True)
         getattr(tokenizers, tok_attr).save_pretrained(out_dir / name)
     meta = {"pooling": rag.question_encoder.pooling, "normalize": rag.question_encoder.normalize,

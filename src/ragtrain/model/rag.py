@@ -74,7 +74,11 @@ class RagModel(nn.Module):
             raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(TRAINABLE)})")
         self.mode = mode
         for name in ("generator", "question_encoder", "context_encoder"):
-            getattr(self, name).requires_grad_(name in TRAINABLE[mode])
+            sub = getattr(self, name)
+            trained = name in TRAINABLE[mode]
+            lora = hasattr(sub.model, "peft_config")  # LoRA-wrapped: only the adapters learn
+            for pname, p in sub.named_parameters():
+                p.requires_grad_(trained and (not lora or "lora_" in pname))
 
     def is_trained(self, name: str) -> bool:
         return name in TRAINABLE[self.mode]
