@@ -22,6 +22,7 @@ def tiny_overrides(out: Path, **extra) -> list[str]:
         "model.tiny_hidden": 32,
         "model.tiny_layers": 1,
         "model.tiny_vocab": 800,
+        "model.dropout": 0.0,  # deterministic: multi-rank and resume comparisons are exact
         "model.max_passage_length": 64,
         "model.max_prompt_length": 96,
         "model.max_answer_length": 8,

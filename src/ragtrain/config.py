@@ -52,6 +52,7 @@ class ModelConfig:
     max_passage_length: int = 128
     max_prompt_length: int = 256
     max_answer_length: int = 32
+    dropout: float = -1.0  # >= 0: set every dropout layer of the three models to this rate; < 0: keep
     lora: list[str] = field(default_factory=list)  # sub-models with LoRA: generator, question_encoder, context_encoder
     lora_r: int = 8
     lora_alpha: int = 16
@@ -312,6 +313,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         if name not in ("generator", "question_encoder", "context_encoder"):
             raise ConfigError(f"model.lora[{i}]: unknown sub-model {name!r} "
                               "(choose from generator, question_encoder, context_encoder)")
+    if cfg.model.dropout >= 1:
+        raise ConfigError(f"model.dropout: must be < 1, got {cfg.model.dropout}")
     positive("model.lora_r", cfg.model.lora_r)
     positive("model.lora_alpha", cfg.model.lora_alpha)
     for key in ("max_query_length", "max_passage_length", "max_prompt_length", "max_answer_length",

@@ -75,6 +75,9 @@ def build_rag_model(mcfg: ModelConfig, rcfg: RagConfig, corpus: Iterable[str] = 
     else:  # same initialisation, independent weights
         c_model, c_tok = copy.deepcopy(q_model), q_tok
     g_model, g_tok, is_seq2seq = _load_generator(specs[2], mcfg, base_tok, seed)
+    if mcfg.dropout >= 0:
+        for m in (q_model, c_model, g_model):
+            set_dropout(m, mcfg.dropout)
     lora_kw = dict(r=mcfg.lora_r, alpha=mcfg.lora_alpha, dropout=mcfg.lora_dropout,
                    target_modules=mcfg.lora_target_modules or None)
     if "question_encoder" in mcfg.lora:
@@ -88,6 +91,23 @@ def build_rag_model(mcfg: ModelConfig, rcfg: RagConfig, corpus: Iterable[str] = 
                    retrieval_loss_weight=rcfg.retrieval_loss_weight,
                    retrieval_temperature=rcfg.retrieval_temperature)
     return rag, Tokenizers(q_tok, c_tok, g_tok)
+
+
+def set_dropout(model, p: float) -> None:
+    """Set every ``nn.Dropout`` and the functional dropout rates in the config (attention dropout) to ``p``."""
+    import torch.nn as nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",
+                "activation_dropout", "dropout_rate", "attention_dropout_rate"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, p)
+    for m in model.modules():  # modules that read the rate at call time (e.g. eager attention)
+        for attr in ("dropout", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, p)
 
 
 SUBMODELS = {"question_encoder": ("question_encoder", "question"),
