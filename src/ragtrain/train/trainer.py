@@ -65,6 +65,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
                                                      gradient_clipping=tc.max_grad_norm)
     return Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps, mixed_precision=mp,
                        log_with="tensorboard", project_dir=cfg.output_dir, kwargs_handlers=handlers,
+                       # the LR schedule counts optimizer steps, whatever the number of processes (accelerate
+                       # would otherwise advance it num_processes times per step)
+                       step_scheduler_with_optimizer=False,
                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
                        **kwargs)
 
@@ -120,6 +123,7 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(
             self.rag, self.optimizer, loader, self.scheduler)
         self.is_zero3 = bool(acc.state.deepspeed_plugin and acc.state.deepspeed_plugin.zero_stage == 3)
+        self._write_rank_info()
         self.store = IndexStore(self.out / "index", keep=cfg.index.keep_versions)
         self.schedule = RefreshSchedule.parse(cfg.index.refresh_every)
         self.retriever = None  # rank 0 only
@@ -203,6 +207,20 @@ class Trainer:
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
+
+    def _write_rank_info(self) -> None:
+        """``OUTPUT_DIR/ranks/rank_N.json``: what this rank holds (ZeRO-3 partitions: ``ds_tensor``)."""
+        local = total = 0
+        for p in self.model.parameters():
+            total += int(getattr(p, "ds_numel", p.numel()))
+            local += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+        plugin = self.accelerator.state.deepspeed_plugin
+        info = {"rank": D.rank(), "world_size": D.world(), "distributed_type": str(self.accelerator.distributed_type),
+                "zero_stage": plugin.zero_stage if plugin else 0, "local_param_numel": local,
+                "total_param_numel": total}
+        d = self.out / "ranks"
+        d.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(d / f"rank_{D.rank()}.json", json.dumps(info))
 
     # ------------------------------------------------------------------------------- retrieval
     def search(self, q: torch.Tensor, questions: list[str], k: int, gold_ids: torch.Tensor | None = None,
@@ -342,7 +360,8 @@ class Trainer:
                     if acc.sync_gradients and tc.max_grad_norm > 0:
                         acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
                     self.optimizer.step()
-                    self.scheduler.step()
+                    if acc.sync_gradients:
+                        self.scheduler.step()
                     self.optimizer.zero_grad()
                 self.batch_in_epoch += 1
                 step_loss = float(acc.reduce(out.loss.detach(), "mean"))

@@ -1,0 +1,110 @@
+"""Two CPU ranks over gloo (torchrun): ZeRO-2 / ZeRO-3 match the single-process run at the same global batch.
+
+Single process: per-device batch 4 x gradient accumulation 2.  Two ranks: per-device batch 4 each.  Both see
+the same 8 examples per optimizer step in the same order, so losses, retrieval and final weights must agree.
+Every run has a timeout, so a hang fails instead of blocking CI.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, tiny_overrides
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+COMMON = {"rag.mode": "end2end", "index.refresh_every": 2, "train.max_steps": STEPS, "train.batch_size": 4,
+          "train.log_every": 1, "data.max_eval_examples": 12}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out, nproc: int, timeout: int = 300, **extra):
+    args = tiny_overrides(out, **{**COMMON, **extra})
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_port()}", str(ROOT / "train.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+def _losses(out):
+    return [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _final(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+
+
+def _retrieved(out):
+    rows = [json.loads(x) for x in (out / "predictions_test.jsonl").read_text().splitlines()]
+    return {r["id"]: r["retrieved_ids"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("single") / "run", 1, **{"train.gradient_accumulation_steps": 2})
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_matches_single_process(single, tmp_path, stage):
+    out = _run(tmp_path / f"zero{stage}", 2, **{"train.deepspeed_config": f"ds_configs/zero{stage}.json"})
+    ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
+    assert all(r["world_size"] == 2 and r["zero_stage"] == stage and "DEEPSPEED" in r["distributed_type"]
+               for r in ranks)
+    # ZeRO-2 agrees to float rounding; ZeRO-3 on gloo is not bitwise deterministic from run to run (observed
+    # <= 2e-4 relative after a refresh).  An LR schedule advanced per process, a wrong shard or a wrong
+    # retrieval moves the curve by >= 1e-3.
+    np.testing.assert_allclose(_losses(out), _losses(single), rtol=1e-4 if stage == 2 else 5e-4)
+    assert _retrieved(out) == _retrieved(single), "rank-0 routed retrieval differs from single-process"
+    f_dist, f_single = _final(out), _final(single)
+    assert f_dist["index_version"] == f_single["index_version"] == 3
+    for key in ("recall@1", "recall@5", "mrr"):
+        assert f_dist[key] == pytest.approx(f_single[key])
+    if stage == 3:
+        total = ranks[0]["total_param_numel"]
+        for r in ranks:  # each rank holds about half of every parameter
+            assert 0.45 * total <= r["local_param_numel"] <= 0.55 * total, r
+        # the ZeRO-3 export (gathered weights) reloads and equals the single-process weights
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        for name, cls in (("question_encoder", AutoModel), ("context_encoder", AutoModel),
+                          ("generator", AutoModelForCausalLM)):
+            a = cls.from_pretrained(out / "final" / name).state_dict()
+            b = cls.from_pretrained(single / "final" / name).state_dict()
+            for k in b:
+                # Adam moves every weight by ~lr per step (4 steps x 1e-3 here: up to 4e-3); reduction-order
+                # rounding shows up as <= 5e-4 on near-zero-gradient weights.  A missed gather (empty or
+                # initial weights) is off by the whole update or more.
+                torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3)
+
+
+def test_zero3_resume_reproduces_next_losses(tmp_path):
+    cfg = {"train.deepspeed_config": "ds_configs/zero3.json", "train.save_every": 2}
+    out = _run(tmp_path / "z3", 2, **cfg)
+    full = _losses(out)
+    # roll the run back to its step-2 checkpoint, as if it had died there
+    ck = out / "checkpoints"
+    assert (ck / "step_00000002").is_dir()
+    (ck / "latest").write_text("step_00000002")
+    shutil.rmtree(ck / "step_00000004")
+    lines = (out / "train_log.jsonl").read_text().splitlines()[:2]
+    (out / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    _run(tmp_path / "z3", 2, **cfg, resume="true")
+    np.testing.assert_allclose(_losses(out)[:2], full[:2], rtol=1e-6)
+    np.testing.assert_allclose(_losses(out), full, rtol=5e-4)  # ZeRO-3 run-to-run noise, see above
