@@ -59,8 +59,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
         handlers.append(InitProcessGroupKwargs(backend="nccl" if torch.cuda.is_available() else "gloo",
                                                timeout=timeout))
     kwargs = {}
-    if tc.deepspeed_config:
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=tc.deepspeed_config,
+    ds_config = tc.deepspeed_config
+    if not ds_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # `accelerate launch --config_file launch/accelerate/zero*.yaml`: build the plugin ourselves so the
+        # recipe's accumulation and clipping fill the JSON's "auto" values (accelerate would use 1.0)
+        ds_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if ds_config:
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config,
                                                      gradient_accumulation_steps=tc.gradient_accumulation_steps,
                                                      gradient_clipping=tc.max_grad_norm)
     return Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps, mixed_precision=mp,
