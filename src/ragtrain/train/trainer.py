@@ -213,6 +213,16 @@ class Trainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
+    def _optimizer_state_numel(self) -> int:
+        """Elements of optimizer state this rank holds: Adam moments plus ZeRO's fp32 master partitions."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer -> engine optimizer
+        inner = getattr(opt, "optimizer", opt)  # DeepSpeed ZeRO optimizer -> torch AdamW
+        n = sum(int(t.numel()) for st in inner.state.values() for t in st.values()
+                if torch.is_tensor(t) and t.dim() > 0)
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            n += sum(int(t.numel()) for t in getattr(opt, attr, []) or [])
+        return n
+
     def _write_rank_info(self) -> None:
         """``OUTPUT_DIR/ranks/rank_N.json``: what this rank holds (ZeRO-3 partitions: ``ds_tensor``)."""
         local = total = 0
@@ -222,7 +232,8 @@ class Trainer:
         plugin = self.accelerator.state.deepspeed_plugin
         info = {"rank": D.rank(), "world_size": D.world(), "distributed_type": str(self.accelerator.distributed_type),
                 "zero_stage": plugin.zero_stage if plugin else 0, "local_param_numel": local,
-                "total_param_numel": total}
+                "total_param_numel": total, "step": self.step if hasattr(self, "step") else 0,
+                "optimizer_state_numel": self._optimizer_state_numel()}
         d = self.out / "ranks"
         d.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(d / f"rank_{D.rank()}.json", json.dumps(info))
@@ -385,6 +396,7 @@ class Trainer:
                 self.batch_in_epoch = 0
         pbar.close()
         train_seconds = time.time() - t_start
+        self._write_rank_info()  # now with optimizer state
         final = self.evaluate_and_log("test" if self.splits["test"] else "validation", final=True)
         self.export()
         acc.end_training()
