@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 from ragtrain.config import ConfigError, load_config
@@ -30,7 +31,8 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":  # one summary line, from the main process
+        print(json.dumps(result))
     return 0
 
 
