@@ -8,10 +8,11 @@ reload with plain transformers.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterable
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, decoders
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -29,13 +30,31 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 
 
 def train_word_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Tokenizer:
-    """A lowercase WordPiece tokenizer trained on ``texts`` (deterministic for the same texts)."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """A lowercase WordPiece tokenizer built from ``texts`` (deterministic for the same texts).
+
+    The vocabulary is the special tokens, every character seen (alone and as a ``##`` continuation), then whole
+    words by descending frequency (ties alphabetical) up to ``vocab_size``; longer unknown words fall back to
+    characters.  It is built here rather than with ``trainers.WordPieceTrainer``, whose BPE merges break count
+    ties in hash-map order and so give a different vocabulary from run to run (huggingface/tokenizers#1794):
+    every process of a multi-process run builds its own tokenizer and they must agree.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})
+    vocab: dict[str, int] = {}
+    for token in [*SPECIALS, *chars, *("##" + c for c in chars)]:
+        vocab.setdefault(token, len(vocab))
+    for word in sorted(counts, key=lambda w: (-counts[w], w)):
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
-    tok.train_from_iterator(list(texts), trainer=trainer)
     return tok
 
 
