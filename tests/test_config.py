@@ -62,3 +62,8 @@ def test_every_shipped_recipe_parses(recipe):
     finally:
         os.chdir(cwd)
     assert cfg.rag.n_docs >= 1
+
+
+def test_yaml_no_is_a_string_for_string_keys(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "o") + ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"

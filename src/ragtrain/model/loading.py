@@ -37,12 +37,24 @@ def _is_tiny(spec: str) -> bool:
     return spec.startswith("tiny:")
 
 
+def _auto_encoder(spec):
+    """``AutoModel`` maps every DPR config to DPRQuestionEncoder; honour the saved architecture instead."""
+    import transformers
+
+    conf = AutoConfig.from_pretrained(spec)
+    if conf.model_type == "dpr":
+        for arch in getattr(conf, "architectures", None) or []:
+            if hasattr(transformers, arch):
+                return getattr(transformers, arch).from_pretrained(spec)
+    return AutoModel.from_pretrained(spec)
+
+
 def _load_encoder(spec: str, mcfg: ModelConfig, base_tok, seed: int):
     if _is_tiny(spec):
         tok = tiny.encoder_tokenizer(base_tok)
         model = tiny.build_tiny_model(spec.split(":", 1)[1], tok, mcfg.tiny_hidden, mcfg.tiny_layers, seed)
         return model, tok
-    return AutoModel.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
+    return _auto_encoder(spec), AutoTokenizer.from_pretrained(spec)
 
 
 def _load_generator(spec: str, mcfg: ModelConfig, base_tok, seed: int):
@@ -145,8 +157,8 @@ def export_models(rag: RagModel, tokenizers: Tokenizers, out_dir: Path, state_di
 def load_exported(path: Path, mode: str = "original") -> tuple[RagModel, Tokenizers, dict]:
     """Reload a directory written by :func:`export_models`."""
     meta = json.loads((path / "ragtrain.json").read_text())
-    q = AutoModel.from_pretrained(path / "question_encoder")
-    c = AutoModel.from_pretrained(path / "context_encoder")
+    q = _auto_encoder(path / "question_encoder")
+    c = _auto_encoder(path / "context_encoder")
     cls = AutoModelForSeq2SeqLM if meta["is_seq2seq"] else AutoModelForCausalLM
     g = cls.from_pretrained(path / "generator")
     toks = Tokenizers(*(AutoTokenizer.from_pretrained(path / n) for n in SUBMODELS))
