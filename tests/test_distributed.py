@@ -61,16 +61,19 @@ def single(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("single") / "run", 1, **{"train.gradient_accumulation_steps": 2})
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_matches_single_process(single, tmp_path, stage):
-    out = _run(tmp_path / f"zero{stage}", 2, **{"train.deepspeed_config": f"ds_configs/zero{stage}.json"})
+    """Stage 0 = plain DDP through Accelerate (no DeepSpeed), stages 2/3 = one DeepSpeed engine."""
+    extra = {"train.deepspeed_config": f"ds_configs/zero{stage}.json"} if stage else {}
+    out = _run(tmp_path / f"zero{stage}", 2, **extra)
     ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
-    assert all(r["world_size"] == 2 and r["zero_stage"] == stage and "DEEPSPEED" in r["distributed_type"]
-               for r in ranks)
+    kind = "DEEPSPEED" if stage else "MULTI_CPU"  # never NO: that would be two unsynchronised replicas
+    assert all(r["world_size"] == 2 and r["zero_stage"] == stage and kind in r["distributed_type"]
+               for r in ranks), ranks
     # ZeRO-2 agrees to float rounding; ZeRO-3 on gloo is not bitwise deterministic from run to run (observed
     # <= 2e-4 relative after a refresh).  An LR schedule advanced per process, a wrong shard or a wrong
     # retrieval moves the curve by >= 1e-3.
-    np.testing.assert_allclose(_losses(out), _losses(single), rtol=1e-4 if stage == 2 else 5e-4)
+    np.testing.assert_allclose(_losses(out), _losses(single), rtol=5e-4 if stage == 3 else 1e-4)
     assert _retrieved(out) == _retrieved(single), "rank-0 routed retrieval differs from single-process"
     f_dist, f_single = _final(out), _final(single)
     assert f_dist["index_version"] == f_single["index_version"] == 3

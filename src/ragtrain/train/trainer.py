@@ -68,6 +68,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config,
                                                      gradient_accumulation_steps=tc.gradient_accumulation_steps,
                                                      gradient_clipping=tc.max_grad_norm)
+    if not ds_config and not torch.cuda.is_available():
+        # without cpu=True, accelerate calls torchrun's CPU ranks DistributedType.NO: each rank would train its
+        # own replica with no gradient all-reduce
+        kwargs["cpu"] = True
     return Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps, mixed_precision=mp,
                        log_with="tensorboard", project_dir=cfg.output_dir, kwargs_handlers=handlers,
                        # the LR schedule counts optimizer steps, whatever the number of processes (accelerate
@@ -213,27 +217,31 @@ class Trainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
-    def _optimizer_state_numel(self) -> int:
-        """Elements of optimizer state this rank holds: Adam moments plus ZeRO's fp32 master partitions."""
+    def _optimizer_state_tensors(self) -> list[torch.Tensor]:
+        """Optimizer state this rank holds: Adam moments plus ZeRO's / bf16's fp32 master partitions."""
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer -> engine optimizer
         inner = getattr(opt, "optimizer", opt)  # DeepSpeed ZeRO optimizer -> torch AdamW
-        n = sum(int(t.numel()) for st in inner.state.values() for t in st.values()
-                if torch.is_tensor(t) and t.dim() > 0)
-        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-            n += sum(int(t.numel()) for t in getattr(opt, attr, []) or [])
-        return n
+        out = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+            out += [t for t in getattr(opt, attr, []) or [] if torch.is_tensor(t)]
+        return out
 
     def _write_rank_info(self) -> None:
         """``OUTPUT_DIR/ranks/rank_N.json``: what this rank holds (ZeRO-3 partitions: ``ds_tensor``)."""
-        local = total = 0
+        local = total = local_bytes = 0
         for p in self.model.parameters():
             total += int(getattr(p, "ds_numel", p.numel()))
-            local += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+            held = p.ds_tensor if hasattr(p, "ds_tensor") else p
+            local += int(held.numel())
+            local_bytes += int(held.numel()) * held.element_size()
+        opt_state = self._optimizer_state_tensors()
         plugin = self.accelerator.state.deepspeed_plugin
         info = {"rank": D.rank(), "world_size": D.world(), "distributed_type": str(self.accelerator.distributed_type),
                 "zero_stage": plugin.zero_stage if plugin else 0, "local_param_numel": local,
                 "total_param_numel": total, "step": self.step if hasattr(self, "step") else 0,
-                "optimizer_state_numel": self._optimizer_state_numel()}
+                "optimizer_state_numel": sum(int(t.numel()) for t in opt_state),
+                "local_param_bytes": local_bytes,
+                "optimizer_state_bytes": sum(int(t.numel()) * t.element_size() for t in opt_state)}
         d = self.out / "ranks"
         d.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(d / f"rank_{D.rank()}.json", json.dumps(info))
