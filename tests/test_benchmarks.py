@@ -125,3 +125,19 @@ def test_speed_toy(tmp_path):
     for heading in ("## (a)", "## (b)", "## (c)", "## (d)"):
         assert heading in text
     assert res["wall_seconds"] >= 0
+
+
+@pytest.mark.slow
+def test_zero_memory_toy(tmp_path):
+    """Three 2-rank bf16 runs at toy size: the report names each arm and its byte counts (not the figures)."""
+    pytest.importorskip("deepspeed")
+    from benchmarks import zero_memory
+
+    rep = zero_memory.main(["--hidden", "32", "--layers", "1", "--steps", "1", "--precisions", "bf16",
+                            "--out", str(tmp_path)])
+    assert [(a["precision"], a["stage"]) for a in rep["arms"]] == [("bf16", 0), ("bf16", 2), ("bf16", 3)]
+    for a in rep["arms"]:
+        assert a["max_per_rank_bytes"] > 0 and a["ranks"][0]["zero_stage"] == a["stage"]
+    assert rep["arms"][0]["memory_ratio_vs_zero0"] == 1.0
+    assert set(rep["goal_zero3_ratio_le_0.55"]) == {"bf16"}
+    assert (tmp_path / "zero_memory.md").read_text().count("| bf16 |") == 3

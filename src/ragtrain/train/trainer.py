@@ -222,9 +222,11 @@ class Trainer:
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer -> engine optimizer
         inner = getattr(opt, "optimizer", opt)  # DeepSpeed ZeRO optimizer -> torch AdamW
         out = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
-        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
-            out += [t for t in getattr(opt, attr, []) or [] if torch.is_tensor(t)]
-        return out
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                     "fp32_groups_flat", "fp32_groups"):
+            for item in getattr(opt, attr, []) or []:  # flat tensors, or per-group lists (FP16_UnfusedOptimizer)
+                out += [t for t in (item if isinstance(item, (list, tuple)) else [item]) if torch.is_tensor(t)]
+        return list({(t.data_ptr(), t.numel()): t for t in out}.values())  # a tensor listed twice counts once
 
     def _write_rank_info(self) -> None:
         """``OUTPUT_DIR/ranks/rank_N.json``: what this rank holds (ZeRO-3 partitions: ``ds_tensor``)."""
@@ -241,6 +243,7 @@ class Trainer:
                 "total_param_numel": total, "step": self.step if hasattr(self, "step") else 0,
                 "optimizer_state_numel": sum(int(t.numel()) for t in opt_state),
                 "local_param_bytes": local_bytes,
+                "optimizer_class": type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__,
                 "optimizer_state_bytes": sum(int(t.numel()) * t.element_size() for t in opt_state)}
         d = self.out / "ranks"
         d.mkdir(parents=True, exist_ok=True)
