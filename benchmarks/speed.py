@@ -19,9 +19,10 @@ work on a shared machine hits both alike):
     backward, clipping, AdamW). Both include tokenizing the batch. Reported: the median over steps of
     HF seconds / ragtrain seconds for the same batch (goal >= 2x), and the share of HF's generator input that is
     padding.
-(b) **Full KB re-encode**: ``trainer.encode_kb()`` (KB read, tokenization, forward, gather) vs a bare
-    ``context_encoder.model(input_ids, attention_mask)`` loop under ``torch.no_grad()`` over the same batches
-    tokenized beforehand (goal: overhead <= 10%). Done for the tiny DPR context encoder of (a) on the whole KB
+(b) **Full KB re-encode**: ``trainer.encode_kb()`` (batching, padding, forward, gather; the KB's token ids
+    are cached from the run's first refresh and batches are length-sorted) vs a bare
+    ``context_encoder.model(input_ids, attention_mask)`` loop under ``torch.no_grad()`` over KB-order batches
+    tokenized beforehand (goal: overhead <= 10%). The first refresh of a run, which tokenizes, is shown apart. Done for the tiny DPR context encoder of (a) on the whole KB
     and, when the PyPI package is installed, for all-MiniLM-L6-v2 on the first ``--minilm-passages`` passages.
 (c) **Index build and search**: ragtrain's ``DenseIndex`` (flat / IVF / HNSW) vs the same FAISS index made
     directly, and ``torch_flat_search`` vs a bare ``torch.topk(q @ E.T)``, on random unit vectors.
@@ -345,6 +346,8 @@ def bench_encode_kb(trainer, reps: int, label: str) -> dict:
             else:
                 bare_t.append(_timeit(bare)[0])
     refresh_t.append(_timeit(trainer.refresh_index)[0])
+    trainer._kb_tokens_cache = None  # the first refresh of a run tokenizes the KB slice
+    cold_t = _timeit(trainer.encode_kb)[0]
     f, b = med(full_t), med(bare_t)
     return {
         "encoder": label, "passages": n, "encode_batch_size": bs, "max_passage_length":
@@ -353,7 +356,7 @@ def bench_encode_kb(trainer, reps: int, label: str) -> dict:
         "encode_kb_median_s": round(f, 3), "bare_forward_median_s": round(b, 3),
         "overhead": round(f / b - 1.0, 4), "passages_per_s": round(n / f, 1),
         "pretokenize_s": round(t_tok, 3), "pretokenize_share_of_bare": round(t_tok / b, 4),
-        "refresh_index_s": round(refresh_t[0], 3),
+        "refresh_index_s": round(refresh_t[0], 3), "first_encode_kb_s": round(cold_t, 3),
     }
 
 
@@ -536,17 +539,21 @@ def speed_markdown(res: dict) -> str:
                   "`DPRQuestionEncoder` with fresh weights; the benchmark copied the HF context encoder's weights "
                   "into it (same `DPREncoder` inside) and rebuilt the index, so both sides really are identical."]
     lines += ["", "## (b) Full KB re-encode: `trainer.encode_kb()` vs a bare encoder forward loop", "",
-              "Bare loop = `context_encoder.model(input_ids, attention_mask)` under `no_grad` over the same batches, "
-              "tokenized beforehand (tokenization time shown separately). Goal: overhead <= 10%.", ""]
+              "Bare loop = `context_encoder.model(input_ids, attention_mask)` under `no_grad` over KB-order batches "
+              "tokenized beforehand (tokenization time shown separately). `encode_kb` = a refresh after the first: "
+              "token ids cached since the run's first refresh, length-sorted batches, vectors gathered back in KB "
+              "order; the first refresh of a run (tokenizes the KB) is shown apart. Goal: overhead <= 10%.", ""]
     rows = []
     for r in res["encode_kb"]:
         if "skipped" in r:
-            rows.append([r.get("encoder", "MiniLM"), "skipped: " + r["skipped"]] + [""] * 6)
+            rows.append([r.get("encoder", "MiniLM"), "skipped: " + r["skipped"]] + [""] * 7)
             continue
         rows.append([r["encoder"], r["passages"], r["encode_kb_median_s"], r["bare_forward_median_s"],
-                     f"**{r['overhead']:+.1%}**", r["pretokenize_s"], r["passages_per_s"], r["refresh_index_s"]])
+                     f"**{r['overhead']:+.1%}**", r["pretokenize_s"], r.get("first_encode_kb_s", ""),
+                     r["passages_per_s"], r["refresh_index_s"]])
     lines.append(md_table(["context encoder", "passages", "encode_kb s", "bare forward s", "overhead",
-                           "tokenize alone s", "passages/s", "refresh_index s (encode+build+publish)"], rows))
+                           "tokenize alone s", "first encode_kb s (tokenizes)", "passages/s",
+                           "refresh_index s (encode+build+publish)"], rows))
     ix = res["index"]
     lines += ["", f"## (c) Index build and search ({ix['n']} random unit vectors, dim {ix['dim']}, "
               f"{ix['queries']} queries, k={ix['k']})", ""]

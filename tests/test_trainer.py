@@ -33,6 +33,23 @@ def test_end2end_refresh_changes_embeddings_and_bumps_version(tiny_cfg):
     np.testing.assert_allclose(fresh, after_emb, atol=1e-5)
 
 
+def test_encode_kb_equals_unpadded_per_passage_encoding(tiny_cfg):
+    """Length-sorted, cached-token batches put every vector back in KB order, equal to encoding each passage
+    alone (no padding at all); the second refresh reuses the tokens."""
+    tr = Trainer(tiny_cfg(**{"index.encode_batch_size": 5}))
+    emb = tr.encode_kb()
+    cache = tr._kb_tokens_cache
+    assert len(cache) == len(tr.kb) and len(set(cache.lengths.tolist())) > 1, "needs passages of mixed length"
+    enc = tr.unwrapped.context_encoder.eval()
+    with torch.no_grad():
+        for i in range(len(tr.kb)):
+            one = tr.collator.passages([(tr.kb[i]["title"], tr.kb[i]["text"])])
+            ref = enc(one["input_ids"], one["attention_mask"])[0].numpy()
+            np.testing.assert_allclose(emb[i], ref, atol=1e-5, err_msg=f"passage {i}")
+    tr.encode_kb()
+    assert tr._kb_tokens_cache is cache
+
+
 def test_original_mode_keeps_context_encoder_and_index(tiny_cfg):
     tr = Trainer(tiny_cfg(**{"rag.mode": "original", "train.max_steps": 3}))
     before = _ctx_params(tr)

@@ -58,6 +58,10 @@ class RagCollator:
                          return_tensors="pt")
         return {"q_input_ids": enc["input_ids"], "q_attention_mask": enc["attention_mask"]}
 
+    def passage_ids(self, titles: list[str], texts: list[str]) -> list[list[int]]:
+        """Unpadded context-encoder ids, the same as :meth:`passages` gives before padding."""
+        return self.c_tok(titles, texts, truncation="only_second", max_length=self.max_passage_length).input_ids
+
     def passages(self, passages: Sequence[Passage]) -> dict:
         titles = [t for t, _ in passages]
         texts = [x for _, x in passages]
@@ -66,23 +70,28 @@ class RagCollator:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     # --------------------------------------------------------------------------------- generator
-    def _ids(self, text: str) -> list[int]:
-        return self.g_tok(text, add_special_tokens=False).input_ids
-
-    def _prompt_ids(self, question: str, passage: Passage) -> list[int]:
-        title, text = passage
+    def _prompt_rows(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> list[list[int]]:
+        """Prompt ids of every (question_b, passage_bk) row, b-major, in a few batched tokenizer calls."""
         if self.is_seq2seq:
-            return self.g_tok(f"question: {question} context: {title}. {text}", truncation=True,
-                              max_length=self.max_prompt_length).input_ids
-        q_ids = self._ids(f"\nQuestion: {question}\nAnswer:")
-        budget = max(self.max_prompt_length - len(q_ids) - len(self.g_prefix), 0)
-        ctx_ids = self._ids(f"Context: {title}. {text}")[:budget]
-        return (self.g_prefix + ctx_ids + q_ids)[-self.max_prompt_length:]
+            texts = [f"question: {q} context: {t}. {x}" for q, docs in zip(questions, passages) for t, x in docs]
+            return self.g_tok(texts, truncation=True, max_length=self.max_prompt_length).input_ids if texts else []
+        q_rows = self.g_tok([f"\nQuestion: {q}\nAnswer:" for q in questions], add_special_tokens=False).input_ids
+        ctx_rows = iter(self.g_tok([f"Context: {t}. {x}" for docs in passages for t, x in docs],
+                                   add_special_tokens=False).input_ids if passages else [])
+        rows = []
+        for q_ids, docs in zip(q_rows, passages):
+            budget = max(self.max_prompt_length - len(q_ids) - len(self.g_prefix), 0)
+            for _ in docs:
+                rows.append((self.g_prefix + next(ctx_rows)[:budget] + q_ids)[-self.max_prompt_length:])
+        return rows
 
-    def _answer_ids(self, answer: str) -> list[int]:
+    def _answer_ids(self, answers: Sequence[str]) -> list[list[int]]:
+        if not answers:
+            return []
         if self.is_seq2seq:
-            return self.g_tok(answer, truncation=True, max_length=self.max_answer_length).input_ids
-        return self._ids(" " + answer)[: self.max_answer_length - 1] + [self.g_eos]
+            return self.g_tok(list(answers), truncation=True, max_length=self.max_answer_length).input_ids
+        rows = self.g_tok([" " + a for a in answers], add_special_tokens=False).input_ids
+        return [r[: self.max_answer_length - 1] + [self.g_eos] for r in rows]
 
     def generator_inputs(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]],
                          answers: Sequence[str]) -> dict:
@@ -90,12 +99,8 @@ class RagCollator:
 
         Returns ``gen_input_ids``/``gen_attention_mask`` (B*K, L), ``target_ids`` (B*K, T) and
         ``target_mask`` (B, T)."""
-        answer_ids = [self._answer_ids(a) for a in answers]
-        prompts, targets = [], []
-        for q, docs, a in zip(questions, passages, answer_ids):
-            for p in docs:
-                prompts.append(self._prompt_ids(q, p))
-                targets.append(a)
+        prompts = self._prompt_rows(questions, passages)
+        targets = [a for a, docs in zip(self._answer_ids(answers), passages) for _ in docs]
         target_ids, target_mask_rows = _pad(targets, self.g_pad)
         k = len(passages[0]) if passages else 1
         target_mask = target_mask_rows[::k].clone()
@@ -110,7 +115,7 @@ class RagCollator:
 
     def generation_prompts(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> dict:
         """Prompts only (left-padded for causal LMs), rows in b-major order."""
-        rows = [self._prompt_ids(q, p) for q, docs in zip(questions, passages) for p in docs]
+        rows = self._prompt_rows(questions, passages)
         ids, mask = _pad(rows, self.g_pad, left=not self.is_seq2seq)
         return {"input_ids": ids, "attention_mask": mask}
 

@@ -34,6 +34,7 @@ from transformers import get_linear_schedule_with_warmup
 from ragtrain.config import Config, ConfigError, dump_config
 from ragtrain.data.collate import RagCollator
 from ragtrain.data.kb import build_kb, load_kb
+from ragtrain.data.kb_tokens import PassageTokens
 from ragtrain.data.qa import load_qa, split_by_article
 from ragtrain.eval.evaluate import predict, summarize
 from ragtrain.index.faiss_index import DenseIndex
@@ -310,32 +311,42 @@ class Trainer:
         return retrieve
 
     # --------------------------------------------------------------------------------- refresh
+    def _kb_tokens(self) -> PassageTokens:
+        """This rank's KB slice, tokenized on the first refresh and kept for the following ones."""
+        bs = self.cfg.index.encode_batch_size
+        my = D.equal_slices(len(self.kb), D.world(), bs)[D.rank()]
+        if getattr(self, "_kb_tokens_cache", None) is None or self._kb_tokens_cache.rows != my:
+            self._kb_tokens_cache = PassageTokens(self.kb, my, self.collator.passage_ids,
+                                                  pad_id=self.tokenizers.context.pad_token_id or 0,
+                                                  progress=self.is_main)
+        return self._kb_tokens_cache
+
     @torch.no_grad()
     def encode_kb(self) -> np.ndarray | None:
-        """Every rank encodes an equal-batch-count slice of the KB; rank 0 returns all (N, d) vectors."""
+        """Every rank encodes an equal-batch-count slice of the KB (length-sorted batches of token ids cached
+        across refreshes); rank 0 returns all (N, d) vectors in KB order."""
         enc = self.unwrapped.context_encoder
         was_training = enc.training
         enc.eval()
         bs = self.cfg.index.encode_batch_size
         n = len(self.kb)
-        my = D.equal_slices(n, D.world(), bs)[D.rank()]
-        chunks = []
-        n_b = D.n_batches(n, D.world(), bs)
-        for b in tqdm(range(n_b), desc=f"encode KB ({n} passages)", disable=not self.is_main):
-            lo = my.start + b * bs
-            hi = min(lo + bs, my.stop)
-            real = hi > lo
-            rows = self.kb.select(range(lo, hi) if real else range(0, 1))
-            inputs = self.collator.passages(list(zip(rows["title"], rows["text"])))
+        tokens = self._kb_tokens()
+        dim = enc.dim
+        local = torch.zeros((len(tokens), dim))
+        batches = tokens.batches(bs)
+        # under ZeRO-3 every rank must call the partitioned encoder the same number of times: ranks with fewer
+        # batches run a one-passage dummy batch
+        dummy = self.collator.passages([(self.kb[0]["title"], self.kb[0]["text"])])
+        device = self.accelerator.device
+        for _ in tqdm(range(D.n_batches(n, D.world(), bs)), desc=f"encode KB ({n} passages)",
+                      disable=not self.is_main):
+            pos, ids, mask = next(batches, (None, dummy["input_ids"], dummy["attention_mask"]))
             with self.accelerator.autocast():
-                emb = enc(inputs["input_ids"].to(self.accelerator.device),
-                          inputs["attention_mask"].to(self.accelerator.device))
-            if real:
-                chunks.append(emb.float().cpu())
+                emb = enc(ids.to(device), mask.to(device))
+            if pos is not None:
+                local[torch.from_numpy(pos)] = emb.float().cpu()
         enc.train(was_training)
-        dim = self.unwrapped.context_encoder.dim
-        local = torch.cat(chunks) if chunks else torch.zeros((0, dim))
-        allv, _ = D.gather_rows(local.to(self.accelerator.device))
+        allv, _ = D.gather_rows(local.to(device))
         return allv.cpu().numpy() if self.is_main else None
 
     def refresh_index(self) -> None:
