@@ -50,7 +50,7 @@ def predict(rag: RagModel, collator: RagCollator, search: Search, kb, examples: 
         q = rag.encode_questions(q_in["q_input_ids"], q_in["q_attention_mask"]).float()
         scores, ids = search(q, questions, depth)
         ids = np.asarray(ids)
-        rows = kb.select(ids.reshape(-1).clip(min=0).tolist())
+        rows = kb[ids.reshape(-1).clip(min=0).tolist()]
         titles, texts = rows["title"], rows["text"]
         passages = [[(titles[i * depth + j], texts[i * depth + j]) for j in range(depth)] for i in range(len(batch))]
         top = [p[:n_docs] for p in passages]

@@ -280,7 +280,7 @@ class Trainer:
 
     def _passages(self, ids: torch.Tensor) -> list[list[tuple[str, str]]]:
         b, k = ids.shape
-        rows = self.kb.select(ids.reshape(-1).tolist())
+        rows = self.kb[ids.reshape(-1).tolist()]  # column-wise take: several times faster than .select
         titles, texts = rows["title"], rows["text"]
         return [[(titles[i * k + j], texts[i * k + j]) for j in range(k)] for i in range(b)]
 
@@ -301,7 +301,7 @@ class Trainer:
             if with_gold:
                 out["gold_ids"] = batch["gold_ids"].cpu()
                 if live_context:
-                    gold_rows = self.kb.select(batch["gold_ids"].clamp(min=0).tolist())
+                    gold_rows = self.kb[batch["gold_ids"].clamp(min=0).tolist()]
                     g = self.collator.passages(list(zip(gold_rows["title"], gold_rows["text"])))
                     out["gold_input_ids"], out["gold_attention_mask"] = g["input_ids"], g["attention_mask"]
                 else:
