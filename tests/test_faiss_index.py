@@ -147,3 +147,41 @@ def test_use_gpu_without_gpu_stays_on_cpu(data):
 def test_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         DenseIndex(8, "pq")
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_gpu_sharding_call_with_a_stand_in_faiss_gpu(data, monkeypatch, tmp_path, kind):
+    """No GPU here: stand-ins for faiss-gpu's entry points record how rank 0 shards the index (all GPUs,
+    shard=True, fp16 as configured) and hand back the CPU index, so search and save must still be right; the
+    saved file must come from index_gpu_to_cpu.  The real faiss-gpu run is a GPU-machine benchmark."""
+    import faiss
+
+    import ragtrain.index.faiss_index as F
+
+    calls = {}
+
+    class Opts:
+        shard = False
+        useFloat16 = False
+
+    def to_all_gpus(index, co):
+        calls["to_gpus"] = (co.shard, co.useFloat16)
+        return index
+
+    def to_cpu(index):
+        calls["to_cpu"] = calls.get("to_cpu", 0) + 1
+        return index
+
+    monkeypatch.setattr(F, "_faiss_num_gpus", lambda: 2)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", Opts, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all_gpus, raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", to_cpu, raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
+    emb, q = data
+    index = DenseIndex.build(emb, kind=kind, nlist=4, nprobe=4, use_gpu=True, gpu_fp16=True)
+    assert index.on_gpu and calls["to_gpus"] == (True, True)
+    _, ids = index.search(q, K)
+    np.testing.assert_array_equal(ids[:, 0], brute_force(emb, q, K)[1][:, 0])
+    index.save(tmp_path / "ix")
+    assert calls.get("to_cpu", 0) >= 1
+    assert DenseIndex.load(tmp_path / "ix").ntotal == N
