@@ -111,3 +111,39 @@ def test_zero3_resume_reproduces_next_losses(tmp_path):
     _run(tmp_path / "z3", 2, **cfg, resume="true")
     np.testing.assert_allclose(_losses(out)[:2], full[:2], rtol=1e-6)
     np.testing.assert_allclose(_losses(out), full, rtol=5e-4)  # ZeRO-3 run-to-run noise, see above
+
+
+DIE_SCRIPT = """
+import os, sys
+sys.path.insert(0, {root!r})
+from ragtrain.train import trainer as T
+real = T.Trainer.encode_kb
+calls = []
+
+def encode_kb(self):
+    calls.append(1)
+    if len(calls) == 2 and os.environ["RANK"] == "1":
+        os._exit(3)  # rank 1 dies in the middle of the second refresh, without a word
+    return real(self)
+
+T.Trainer.encode_kb = encode_kb
+from ragtrain.train.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_rank_ends_the_job_instead_of_hanging(tmp_path):
+    """Rank 1 dies during a ZeRO-3 refresh: rank 0 must not wait for ever (the launcher stops it, or the
+    process-group timeout fires), the job exits non-zero and no new index version is published."""
+    script = tmp_path / "die.py"
+    script.write_text(DIE_SCRIPT.format(root=str(ROOT / "src")))
+    out = tmp_path / "run"
+    args = tiny_overrides(out, **{**COMMON, "train.deepspeed_config": "ds_configs/zero3.json",
+                                  "train.process_group_timeout_s": 60})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+           str(script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "exitcode" in proc.stderr and "3" in proc.stderr, proc.stderr[-2000:]
+    assert (out / "index" / "CURRENT").read_text().strip() == "v000001"
