@@ -3,6 +3,8 @@ causal (Llama) and seq2seq (BART) generators.  Retrieval is a fake callable with
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -156,6 +158,41 @@ def test_set_mode_switches_and_rejects_unknown(toks):
     assert rag.live_context and not any(p.requires_grad for p in rag.generator.parameters())
     with pytest.raises(ValueError):
         rag.set_mode("everything")
+
+
+class DedupRetrieve(FakeRetrieve):
+    """Returns each unique live passage once plus ``ctx_index``, as the trainer's retriever does."""
+
+    def __call__(self, q, live_context, with_gold):
+        out = super().__call__(q, live_context, with_gold)
+        if live_context:
+            uniq, inverse = torch.unique(out["doc_ids"].reshape(-1), return_inverse=True)
+            enc = self.collator.passages([KB[i] for i in uniq.tolist()])
+            out["ctx_input_ids"], out["ctx_attention_mask"] = enc["input_ids"], enc["attention_mask"]
+            out["ctx_index"] = inverse
+        return out
+
+
+@pytest.mark.parametrize("loss_type", ["sequence", "token"])
+def test_passages_retrieved_twice_are_encoded_once_with_the_same_loss_and_gradients(toks, loss_type, monkeypatch):
+    """Questions sharing retrieved passages: encoding the unique ones once and mapping them back with
+    ``ctx_index`` gives the per-slot loss and every gradient (the shared rows' gradients add up)."""
+    monkeypatch.setattr(sys.modules[__name__], "DOC_IDS", [[0, 1, 7], [1, 7, 9]])  # passages 1 and 7 twice
+    grads, losses = [], []
+    for cls in (FakeRetrieve, DedupRetrieve):
+        rag, plain, q = build(toks, "bart", "end2end", loss_type=loss_type)
+        retrieve = cls(plain.collator)
+        rows = []
+        orig = rag.context_encoder.forward
+        rag.context_encoder.forward = lambda ids, mask: rows.append(ids.shape[0]) or orig(ids, mask)
+        out = run(rag, retrieve, q)
+        assert rows == ([6] if cls is FakeRetrieve else [4])
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in rag.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("context_encoder") for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 # ------------------------------------------------------------------------------------------- loss types

@@ -50,6 +50,44 @@ def test_encode_kb_equals_unpadded_per_passage_encoding(tiny_cfg):
     assert tr._kb_tokens_cache is cache
 
 
+def _unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    return [r[m.bool()].tolist() for r, m in zip(input_ids, attention_mask)]
+
+
+def test_live_retrieval_encodes_unique_passages_from_the_token_cache(tiny_cfg, monkeypatch):
+    """end2end retrieve: one context-encoder row per unique retrieved passage, ``ctx_index`` mapping every
+    (question, passage) slot to the row holding that passage's ids, read from the KB token cache (no tokenizer
+    call) where the cache holds the row and tokenized otherwise."""
+    tr = Trainer(tiny_cfg(**{"rag.mode": "end2end", "rag.n_docs": 3, "train.batch_size": 6,
+                             "rag.retrieval_loss_weight": 0.5}))
+    assert tr._kb_tokens_cache is not None, "the initial index build fills the token cache"
+    batch = tr._collate(tr.splits["train"][:6])
+    q = tr.unwrapped.encode_questions(batch["q_input_ids"], batch["q_attention_mask"])
+    calls = []
+    tokenize = tr.collator.passage_ids
+    monkeypatch.setattr(tr.collator, "passage_ids", lambda t, x: calls.append(len(t)) or tokenize(t, x))
+    docs = tr._make_retrieve(batch)(q.detach(), True, True)
+    assert calls == [], "every passage comes from the token cache"
+    ids = docs["doc_ids"].reshape(-1).tolist()
+    assert docs["ctx_input_ids"].shape[0] == len(set(ids)) < len(ids), "needs a passage retrieved twice"
+    rows = _unpadded(docs["ctx_input_ids"], docs["ctx_attention_mask"])
+    want = _unpadded(**tr.collator.passages([(tr.kb[i]["title"], tr.kb[i]["text"]) for i in ids]))
+    assert [rows[j] for j in docs["ctx_index"].tolist()] == want
+    gold = batch["gold_ids"].clamp(min=0).tolist()
+    assert _unpadded(docs["gold_input_ids"], docs["gold_attention_mask"]) == _unpadded(
+        **tr.collator.passages([(tr.kb[i]["title"], tr.kb[i]["text"]) for i in gold]))
+    # a cache holding only part of the KB (another rank's slice): the rows it lacks are tokenized, same ids
+    from ragtrain.data.kb_tokens import PassageTokens
+    half = range(0, len(tr.kb) // 2)
+    tr._kb_tokens_cache = PassageTokens(tr.kb, half, tokenize, pad_id=tr.tokenizers.context.pad_token_id)
+    some = sorted(set(ids) | {0, len(tr.kb) - 1})
+    calls.clear()
+    got = tr._passage_inputs(some)
+    assert calls == [sum(i not in half for i in some)]
+    assert _unpadded(got["input_ids"], got["attention_mask"]) == _unpadded(
+        **tr.collator.passages([(tr.kb[i]["title"], tr.kb[i]["text"]) for i in some]))
+
+
 def test_original_mode_keeps_context_encoder_and_index(tiny_cfg):
     tr = Trainer(tiny_cfg(**{"rag.mode": "original", "train.max_steps": 3}))
     before = _ctx_params(tr)

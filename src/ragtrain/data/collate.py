@@ -17,15 +17,15 @@ import torch
 Passage = tuple[str, str]  # (title, text)
 
 
-def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(r) for r in rows), default=0) or 1
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if not r:
+        if not len(r):
             continue
         sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        ids[i, sl] = torch.as_tensor(r, dtype=torch.long)
         mask[i, sl] = 1
     return ids, mask
 
@@ -62,12 +62,14 @@ class RagCollator:
         """Unpadded context-encoder ids, the same as :meth:`passages` gives before padding."""
         return self.c_tok(titles, texts, truncation="only_second", max_length=self.max_passage_length).input_ids
 
+    def pad_passage_ids(self, rows: Sequence[Sequence[int]]) -> dict:
+        """Context-encoder batch from unpadded id rows (:meth:`passage_ids`, or the KB token cache)."""
+        ids, mask = _pad(rows, self.c_tok.pad_token_id or 0,
+                         left=self.c_tok.padding_side == "left")
+        return {"input_ids": ids, "attention_mask": mask}
+
     def passages(self, passages: Sequence[Passage]) -> dict:
-        titles = [t for t, _ in passages]
-        texts = [x for _, x in passages]
-        enc = self.c_tok(titles, texts, truncation="only_second", max_length=self.max_passage_length,
-                         padding=True, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return self.pad_passage_ids(self.passage_ids([t for t, _ in passages], [x for _, x in passages]))
 
     # --------------------------------------------------------------------------------- generator
     def _prompt_rows(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> list[list[int]]:

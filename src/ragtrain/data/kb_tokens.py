@@ -4,7 +4,8 @@ Re-encoding the KB is the recurring cost of end2end training; tokenizing the pas
 doubled it for small encoders.  A rank tokenizes its slice once (batched calls of the fast tokenizer), keeps
 the ids as one flat int32 array plus offsets (4 bytes per token: about 0.6 GB per million 150-token passages),
 and serves length-sorted padded batches, so batches of short passages are not padded to the longest passage of
-the KB slice.  Positions come back with each batch, so callers write embeddings back in KB order.
+the KB slice.  Positions come back with each batch, so callers write embeddings back in KB order.  The training
+step's live re-encoding of retrieved passages reads its ids from here too (:meth:`get`) instead of tokenizing.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ class PassageTokens:
 
     def n_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)
+
+    def get(self, kb_id: int) -> np.ndarray | None:
+        """Unpadded ids of KB row ``kb_id``, or None when that row is outside this slice."""
+        if kb_id not in self.rows:
+            return None
+        p = kb_id - self.rows.start
+        return self.flat[self.offsets[p]: self.offsets[p + 1]]
 
     def padded(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ``(input_ids, attention_mask)`` of the rows at ``positions`` (0-based in the slice)."""

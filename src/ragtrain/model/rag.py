@@ -39,7 +39,8 @@ TRAINABLE = {
 
 # retrieve(question_embeddings (B, d) detached, live_context, with_gold) -> dict of tensors:
 #   doc_ids (B, K); doc_embeddings (B, K, d) when not live_context; ctx_input_ids / ctx_attention_mask (B*K, L)
-#   when live_context; gen_input_ids / gen_attention_mask (B*K, L), target_ids / target_mask (B, T);
+#   when live_context, or (U, L) for U unique passages plus ctx_index (B*K,) = the row of each retrieved slot
+#   (a passage retrieved for several questions is encoded once; the gradients of its slots add up); gen_input_ids / gen_attention_mask (B*K, L), target_ids / target_mask (B, T);
 #   with_gold: gold_ids (B,) and gold_input_ids / gold_attention_mask (live) or gold_embeddings (B, d).
 Retrieve = Callable[[torch.Tensor, bool, bool], dict]
 
@@ -108,7 +109,10 @@ class RagModel(nn.Module):
         docs = retrieve(q.detach(), self.live_context, with_gold)
         k = docs["doc_ids"].shape[1]
         if self.live_context:
-            c = self.encode_passages(docs["ctx_input_ids"], docs["ctx_attention_mask"]).view(b, k, -1)
+            c = self.encode_passages(docs["ctx_input_ids"], docs["ctx_attention_mask"])
+            if "ctx_index" in docs:  # rows of unique passages -> the (b, k) retrieved slots
+                c = c[docs["ctx_index"].reshape(-1)]
+            c = c.view(b, k, -1)
         else:
             c = docs["doc_embeddings"].to(device=q.device, dtype=q.dtype)
         doc_scores = torch.einsum("bd,bkd->bk", q.float(), c.float()) / self.retrieval_temperature

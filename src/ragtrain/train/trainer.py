@@ -284,6 +284,18 @@ class Trainer:
         titles, texts = rows["title"], rows["text"]
         return [[(titles[i * k + j], texts[i * k + j]) for j in range(k)] for i in range(b)]
 
+    def _passage_inputs(self, kb_ids: list[int]) -> dict:
+        """Context-encoder batch of KB rows ``kb_ids``: token ids from this rank's KB token cache (filled by the
+        first refresh) where it holds them, the other rows tokenized now."""
+        cache = getattr(self, "_kb_tokens_cache", None)
+        rows = [cache.get(i) if cache is not None else None for i in kb_ids]
+        miss = [j for j, r in enumerate(rows) if r is None]
+        if miss:
+            kb_rows = self.kb[[kb_ids[j] for j in miss]]
+            for j, r in zip(miss, self.collator.passage_ids(kb_rows["title"], kb_rows["text"])):
+                rows[j] = r
+        return self.collator.pad_passage_ids(rows)
+
     def _make_retrieve(self, batch: dict):
         device = self.accelerator.device
 
@@ -294,15 +306,17 @@ class Trainer:
             out = self.collator.generator_inputs(batch["questions"], passages, batch["answers"])
             out["doc_ids"] = res["ids"]
             if live_context:
-                ctx = self.collator.passages([p for ps in passages for p in ps])
+                # a passage retrieved for several questions of the batch is encoded once (ctx_index maps back)
+                flat = res["ids"].reshape(-1)
+                uniq, out["ctx_index"] = torch.unique(flat, return_inverse=True)
+                ctx = self._passage_inputs(uniq.tolist())
                 out["ctx_input_ids"], out["ctx_attention_mask"] = ctx["input_ids"], ctx["attention_mask"]
             else:
                 out["doc_embeddings"] = res["doc_embeddings"]
             if with_gold:
                 out["gold_ids"] = batch["gold_ids"].cpu()
                 if live_context:
-                    gold_rows = self.kb[batch["gold_ids"].clamp(min=0).tolist()]
-                    g = self.collator.passages(list(zip(gold_rows["title"], gold_rows["text"])))
+                    g = self._passage_inputs(batch["gold_ids"].clamp(min=0).tolist())
                     out["gold_input_ids"], out["gold_attention_mask"] = g["input_ids"], g["attention_mask"]
                 else:
                     out["gold_embeddings"] = res["gold_embeddings"]
