@@ -215,3 +215,20 @@ def test_seq2seq_target_logprobs_match_unpadded_rows(base_tok, enc_tok):
             logits = model(input_ids=enc[None], decoder_input_ids=dec_in[None]).logits[0].float()
         direct = torch.log_softmax(logits, -1).gather(-1, answer[:, None]).squeeze(-1)
         torch.testing.assert_close(got[row, :n], direct, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "bart"])
+def test_output_head_projects_only_answer_tokens(base_tok, enc_tok, family):
+    """The vocabulary projection sees one hidden state per real answer token (answers are padded to the longest
+    of the batch), and the padded positions come back as 0."""
+    col, gtok = _collator(base_tok, enc_tok, family)
+    gen = Generator(tiny.build_tiny_model(family, gtok, seed=5).eval(), is_seq2seq=family == "bart")
+    answers = ["Paris", "blue sky on a clear summer day"]  # unequal answer lengths -> answer padding
+    batch = col.generator_inputs(QUESTIONS, PASSAGES, answers)
+    rows = batch["target_mask"].repeat_interleave(3, 0)
+    assert not rows.bool().all(), "needs padded answer positions"
+    seen = []
+    gen.model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+    lp = gen.target_logprobs(batch)
+    assert seen == [(int(rows.sum()), gen.config.hidden_size)]
+    assert torch.all(lp[rows == 0] == 0) and torch.all(lp[rows == 1] < 0)

@@ -7,14 +7,33 @@ Both kinds expose the same two calls, so the RAG module never branches on the ar
 * :meth:`Generator.generate` -> generated token ids for each row.
 
 Causal-LM rows are laid out ``[left padding][prompt][answer + eos][right padding]`` with every prompt ending at
-the same column, so the answer tokens of all rows sit in the same ``T`` columns and only ``T + 1`` positions of
-logits are ever materialised (``logits_to_keep``) -- the vocabulary projection of the prompt is skipped.
+the same column, so the answer tokens of all rows sit in the same ``T`` columns and only ``T + 1`` positions
+reach the output head (``logits_to_keep``) -- the vocabulary projection of the prompt is skipped.  For both kinds
+a pre-hook on the output head then keeps only the real answer tokens (answers are padded to the longest of the
+batch), so the vocabulary projection, its log-softmax and their backward never run on padding.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+@contextlib.contextmanager
+def only_rows(head: nn.Module, keep: torch.Tensor):
+    """While active, ``head`` (the LM's output projection) sees only the hidden states at ``keep`` (a bool mask
+    over the leading dims of its input), so a (N, T, d) input gives (keep.sum(), vocab) logits."""
+    def pre_hook(_module, args):
+        return (args[0][keep], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class Generator(nn.Module):
@@ -28,27 +47,35 @@ class Generator(nn.Module):
         return self.model.config
 
     def target_logprobs(self, batch: dict) -> torch.Tensor:
-        """``batch``: ``gen_input_ids``/``gen_attention_mask`` (N, L), ``target_ids`` (N, T) (pad where masked).
+        """``batch``: ``gen_input_ids``/``gen_attention_mask`` (N, L), ``target_ids`` (N, T) (pad where masked),
+        ``target_mask`` (N, T) or per question (B, T) with N = B * K.
 
-        Returns ``(N, T)`` float32 token log-probabilities (garbage where ``target_mask`` is 0)."""
+        Returns ``(N, T)`` float32 token log-probabilities, 0 where ``target_mask`` is 0: the vocabulary
+        projection and its log-softmax run on the answer tokens only, not on padding."""
         target = batch["target_ids"]
+        n, t = target.shape
+        tmask = batch["target_mask"]
+        if tmask.shape[0] != n:  # per question -> per (question, passage) row
+            tmask = tmask.repeat_interleave(n // tmask.shape[0], dim=0)
+        keep = tmask.bool()
         if self.is_seq2seq:
-            # target_mask is per question (B, T); target rows are per (question, passage) (B*K, T)
-            tmask = batch["target_mask"]
-            if tmask.shape[0] != target.shape[0]:
-                tmask = tmask.repeat_interleave(target.shape[0] // tmask.shape[0], dim=0)
-            labels = target.masked_fill(tmask == 0, -100)
+            labels = target.masked_fill(~keep, -100)
             decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-            logits = self.model(input_ids=batch["gen_input_ids"], attention_mask=batch["gen_attention_mask"],
-                                decoder_input_ids=decoder_input_ids, use_cache=False).logits
+            with only_rows(self.model.get_output_embeddings(), keep):
+                logits = self.model(input_ids=batch["gen_input_ids"], attention_mask=batch["gen_attention_mask"],
+                                    decoder_input_ids=decoder_input_ids, use_cache=False).logits
         else:
             mask = batch["gen_attention_mask"]
             position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            t = target.shape[1]
-            logits = self.model(input_ids=batch["gen_input_ids"], attention_mask=mask, position_ids=position_ids,
-                                use_cache=False, logits_to_keep=t + 1).logits[:, :t]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            # logits_to_keep=t+1 keeps the last t+1 positions; the first t of them predict the t answer columns
+            with only_rows(self.model.get_output_embeddings(), F.pad(keep, (0, 1))):
+                logits = self.model(input_ids=batch["gen_input_ids"], attention_mask=mask,
+                                    position_ids=position_ids, use_cache=False, logits_to_keep=t + 1).logits
+        if logits.shape[:-1] != (int(keep.sum()),):
+            raise RuntimeError(f"{type(self.model).__name__}: expected logits for the {int(keep.sum())} answer "
+                               f"tokens only, got shape {tuple(logits.shape)} (its output head is not the last op)")
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[keep].unsqueeze(-1)).squeeze(-1)
+        return logp.new_zeros((n, t)).masked_scatter(keep, logp)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_beams: int = 1,
