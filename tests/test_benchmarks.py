@@ -109,8 +109,10 @@ def test_speed_toy(tmp_path):
     assert saved["kb"]["passages"] > 0 and {"cpu_model", "torch"} <= set(saved["machine"])
     (step,) = saved["train_step"]
     for key in ("hf_median_step_s", "ragtrain_median_step_s", "median_ratio_hf_over_ragtrain", "hf_padding_share",
-                "ragtrain_padding_share"):
+                "ragtrain_padding_share", "hf_optimizer_step_s", "ragtrain_optimizer_step_s"):
         assert isinstance(step[key], float), key
+    assert 0 < step["ragtrain_live_encoded_share_of_retrieved"] <= 1
+    assert step["ragtrain_optimizer"] == "AdamW (fused)"
     assert len(step["hf_step_s"]) == len(step["ragtrain_step_s"]) == step["timed_steps"]
     (enc,) = saved["encode_kb"]
     assert enc["passages"] == saved["kb"]["passages"] and "overhead" in enc

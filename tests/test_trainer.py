@@ -88,6 +88,12 @@ def test_live_retrieval_encodes_unique_passages_from_the_token_cache(tiny_cfg, m
         **tr.collator.passages([(tr.kb[i]["title"], tr.kb[i]["text"]) for i in some]))
 
 
+def test_optimizer_is_fused_adamw_on_cpu(tiny_cfg):
+    tr = Trainer(tiny_cfg())
+    inner = getattr(tr.optimizer, "optimizer", tr.optimizer)
+    assert isinstance(inner, torch.optim.AdamW) and inner.defaults["fused"] is True
+
+
 def test_original_mode_keeps_context_encoder_and_index(tiny_cfg):
     tr = Trainer(tiny_cfg(**{"rag.mode": "original", "train.max_steps": 3}))
     before = _ctx_params(tr)
