@@ -196,9 +196,10 @@ def test_causal_target_logprobs_grad_flows(base_tok, enc_tok):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
 
 
-def test_seq2seq_target_logprobs_match_unpadded_rows(base_tok, enc_tok):
-    col, gtok = _collator(base_tok, enc_tok, "bart")
-    model = tiny.build_tiny_model("bart", gtok, seed=4).eval()
+@pytest.mark.parametrize("family", ["bart", "t5"])  # T5 rescales the hidden states before its output head
+def test_seq2seq_target_logprobs_match_unpadded_rows(base_tok, enc_tok, family):
+    col, gtok = _collator(base_tok, enc_tok, family)
+    model = tiny.build_tiny_model(family, gtok, seed=4).eval()
     gen = Generator(model, is_seq2seq=True)
     batch = col.generator_inputs(QUESTIONS, PASSAGES, ANSWERS)
     assert batch["target_mask"].shape[0] != batch["target_ids"].shape[0]  # B != B*K
@@ -217,12 +218,12 @@ def test_seq2seq_target_logprobs_match_unpadded_rows(base_tok, enc_tok):
         torch.testing.assert_close(got[row, :n], direct, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "bart"])
+@pytest.mark.parametrize("family", ["llama", "bart", "t5"])
 def test_output_head_projects_only_answer_tokens(base_tok, enc_tok, family):
     """The vocabulary projection sees one hidden state per real answer token (answers are padded to the longest
     of the batch), and the padded positions come back as 0."""
     col, gtok = _collator(base_tok, enc_tok, family)
-    gen = Generator(tiny.build_tiny_model(family, gtok, seed=5).eval(), is_seq2seq=family == "bart")
+    gen = Generator(tiny.build_tiny_model(family, gtok, seed=5).eval(), is_seq2seq=family != "llama")
     answers = ["Paris", "blue sky on a clear summer day"]  # unequal answer lengths -> answer padding
     batch = col.generator_inputs(QUESTIONS, PASSAGES, answers)
     rows = batch["target_mask"].repeat_interleave(3, 0)
