@@ -40,7 +40,8 @@ TRAINABLE = {
 # retrieve(question_embeddings (B, d) detached, live_context, with_gold) -> dict of tensors:
 #   doc_ids (B, K); doc_embeddings (B, K, d) when not live_context; ctx_input_ids / ctx_attention_mask (B*K, L)
 #   when live_context, or (U, L) for U unique passages plus ctx_index (B*K,) = the row of each retrieved slot
-#   (a passage retrieved for several questions is encoded once; the gradients of its slots add up); gen_input_ids / gen_attention_mask (B*K, L), target_ids / target_mask (B, T);
+#   (a passage retrieved for several questions is encoded once; the gradients of its slots add up);
+#   gen_input_ids / gen_attention_mask (B*K, L), target_ids / target_mask (B, T);
 #   with_gold: gold_ids (B,) and gold_input_ids / gold_attention_mask (live) or gold_embeddings (B, d).
 Retrieve = Callable[[torch.Tensor, bool, bool], dict]
 
