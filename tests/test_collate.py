@@ -233,3 +233,35 @@ def test_output_head_projects_only_answer_tokens(base_tok, enc_tok, family):
     lp = gen.target_logprobs(batch)
     assert seen == [(int(rows.sum()), gen.config.hidden_size)]
     assert torch.all(lp[rows == 0] == 0) and torch.all(lp[rows == 1] < 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bart"])
+@pytest.mark.parametrize("buckets", [2, 3, 8])
+def test_length_buckets_equal_one_call_and_make_a_fixed_number_of_calls(base_tok, enc_tok, arch, buckets):
+    """Rows sorted by length and run in ``buckets`` trimmed calls give the one-call log-probs and gradients;
+    always exactly ``buckets`` forward calls, even with fewer rows (8 > 6 rows), as ZeRO-3 ranks need."""
+    family = "bart" if arch == "bart" else "llama"
+    col, gtok = _collator(base_tok, enc_tok, family)
+    model = (tiny.build_tiny_model("bart", gtok, seed=6) if arch == "bart" else _causal_model(arch, gtok)).eval()
+    batch = col.generator_inputs(QUESTIONS, PASSAGES, ["Paris", "blue sky on a clear summer day"])
+    lengths = batch["gen_attention_mask"].sum(-1)
+    assert len(set(lengths.tolist())) > 2, "needs rows of different lengths"
+    results = []
+    for b in (1, buckets):
+        gen = Generator(model, is_seq2seq=arch == "bart", buckets=b)
+        widths = []
+        handle = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape),
+                                                 with_kwargs=True)
+        model.zero_grad()
+        lp = gen.target_logprobs(batch)
+        lp.sum().backward()
+        handle.remove()
+        results.append((lp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        assert len(widths) == b
+        if b > 1:  # the shortest rows' call is narrower than the batch
+            assert min(w[1] for w in widths) < batch["gen_input_ids"].shape[1]
+    (lp1, g1), (lpb, gb) = results
+    torch.testing.assert_close(lpb, lp1, rtol=1e-5, atol=1e-5)
+    assert len(g1) == len(gb)
+    for a, b in zip(gb, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -10,6 +10,7 @@ from ragtrain.config import ConfigError, load_config
 
 @pytest.mark.parametrize("override, key", [
     ("rag.n_docs=0", "rag.n_docs"),
+    ("rag.generator_buckets=0", "rag.generator_buckets"),
     ("rag.mode=sideways", "rag.mode"),
     ("rag.loss_type=bag", "rag.loss_type"),
     ("index.refresh_every=-5", "index.refresh_every"),

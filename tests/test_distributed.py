@@ -61,11 +61,12 @@ def single(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("single") / "run", 1, **{"train.gradient_accumulation_steps": 2})
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_zero_matches_single_process(single, tmp_path, stage):
-    """Stage 0 = plain DDP through Accelerate (no DeepSpeed), stages 2/3 = one DeepSpeed engine."""
+@pytest.mark.parametrize("stage,buckets", [(0, 1), (2, 1), (3, 1), (3, 2)])
+def test_zero_matches_single_process(single, tmp_path, stage, buckets):
+    """Stage 0 = plain DDP through Accelerate (no DeepSpeed), stages 2/3 = one DeepSpeed engine.  buckets=2: the
+    generator runs in two length-bucketed calls per step (both ranks must call the partitioned model alike)."""
     extra = {"train.deepspeed_config": f"ds_configs/zero{stage}.json"} if stage else {}
-    out = _run(tmp_path / f"zero{stage}", 2, **extra)
+    out = _run(tmp_path / f"zero{stage}", 2, **extra, **{"rag.generator_buckets": buckets})
     ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
     kind = "DEEPSPEED" if stage else "MULTI_CPU"  # never NO: that would be two unsynchronised replicas
     assert all(r["world_size"] == 2 and r["zero_stage"] == stage and kind in r["distributed_type"]

@@ -88,6 +88,11 @@ class RagConfig:
     n_docs: int = 5
     retrieval_loss_weight: float = 0.0
     retrieval_temperature: float = 1.0
+    # > 1: the generator runs its (question, passage) rows in this many forward calls of rows of similar length,
+    # each trimmed to its own longest row; same result, less padding.  Pays off when the generator's compute
+    # dominates the step (measured: -18% generator time at 20M params on CPU; +4% at 2M, where a call's
+    # fixed cost dominates); under ZeRO-3 every call gathers the generator's parameters again.
+    generator_buckets: int = 1
 
 
 @dataclass
@@ -308,6 +313,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     if cfg.rag.n_docs < 1:
         raise ConfigError(f"rag.n_docs: must be >= 1, got {cfg.rag.n_docs}")
+    if cfg.rag.generator_buckets < 1:
+        raise ConfigError(f"rag.generator_buckets: must be >= 1, got {cfg.rag.generator_buckets}")
     positive("rag.retrieval_loss_weight", cfg.rag.retrieval_loss_weight, allow_zero=True)
     positive("rag.retrieval_temperature", cfg.rag.retrieval_temperature)
     positive("data.passage_words", cfg.data.passage_words)

@@ -37,10 +37,11 @@ def only_rows(head: nn.Module, keep: torch.Tensor):
 
 
 class Generator(nn.Module):
-    def __init__(self, model: nn.Module, is_seq2seq: bool):
+    def __init__(self, model: nn.Module, is_seq2seq: bool, buckets: int = 1):
         super().__init__()
         self.model = model
         self.is_seq2seq = is_seq2seq
+        self.buckets = buckets
 
     @property
     def config(self):
@@ -51,26 +52,49 @@ class Generator(nn.Module):
         ``target_mask`` (N, T) or per question (B, T) with N = B * K.
 
         Returns ``(N, T)`` float32 token log-probabilities, 0 where ``target_mask`` is 0: the vocabulary
-        projection and its log-softmax run on the answer tokens only, not on padding."""
-        target = batch["target_ids"]
-        n, t = target.shape
+        projection and its log-softmax run on the answer tokens only, not on padding.  With ``buckets`` > 1 the
+        rows, sorted by input length, run in that many forward calls, each trimmed to its own longest row; always
+        exactly ``buckets`` calls (ZeRO-3 ranks must make the same number), an empty bucket re-running one row."""
+        n = batch["target_ids"].shape[0]
         tmask = batch["target_mask"]
         if tmask.shape[0] != n:  # per question -> per (question, passage) row
             tmask = tmask.repeat_interleave(n // tmask.shape[0], dim=0)
+        if self.buckets <= 1:
+            return self._target_logprobs(batch["gen_input_ids"], batch["gen_attention_mask"], batch["target_ids"],
+                                         tmask)
+        mask = batch["gen_attention_mask"]
+        order = torch.argsort(mask.sum(-1), stable=True)
+        out = None
+        for rows in torch.tensor_split(order, self.buckets):
+            part = rows if len(rows) else order[:1]
+            m = mask[part]
+            used = m.any(0).nonzero().flatten()
+            # seq2seq inputs are right-padded: cut the right; causal prompts are left-padded with the answer
+            # columns last (logits_to_keep counts from the end): cut the left only
+            cols = slice(0, int(used[-1]) + 1) if self.is_seq2seq else slice(int(used[0]), m.shape[1])
+            lp = self._target_logprobs(batch["gen_input_ids"][part, cols], m[:, cols], batch["target_ids"][part],
+                                       tmask[part])
+            out = lp.new_zeros((n, lp.shape[1])) if out is None else out
+            if len(rows):
+                out = out.index_copy(0, rows, lp)
+        return out
+
+    def _target_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
+                         tmask: torch.Tensor) -> torch.Tensor:
+        n, t = target.shape
         keep = tmask.bool()
         if self.is_seq2seq:
             labels = target.masked_fill(~keep, -100)
             decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
             with only_rows(self.model.get_output_embeddings(), keep):
-                logits = self.model(input_ids=batch["gen_input_ids"], attention_mask=batch["gen_attention_mask"],
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                     decoder_input_ids=decoder_input_ids, use_cache=False).logits
         else:
-            mask = batch["gen_attention_mask"]
-            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             # logits_to_keep=t+1 keeps the last t+1 positions; the first t of them predict the t answer columns
             with only_rows(self.model.get_output_embeddings(), F.pad(keep, (0, 1))):
-                logits = self.model(input_ids=batch["gen_input_ids"], attention_mask=mask,
-                                    position_ids=position_ids, use_cache=False, logits_to_keep=t + 1).logits
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False, logits_to_keep=t + 1).logits
         if logits.shape[:-1] != (int(keep.sum()),):
             raise RuntimeError(f"{type(self.model).__name__}: expected logits for the {int(keep.sum())} answer "
                                f"tokens only, got shape {tuple(logits.shape)} (its output head is not the last op)")

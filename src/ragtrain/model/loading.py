@@ -99,8 +99,8 @@ def build_rag_model(mcfg: ModelConfig, rcfg: RagConfig, corpus: Iterable[str] = 
     if "generator" in mcfg.lora:
         g_model = apply_lora(g_model, **lora_kw)
     rag = RagModel(Encoder(q_model, mcfg.pooling, mcfg.normalize), Encoder(c_model, mcfg.pooling, mcfg.normalize),
-                   Generator(g_model, is_seq2seq), mode=rcfg.mode, loss_type=rcfg.loss_type, n_docs=rcfg.n_docs,
-                   retrieval_loss_weight=rcfg.retrieval_loss_weight,
+                   Generator(g_model, is_seq2seq, buckets=rcfg.generator_buckets), mode=rcfg.mode,
+                   loss_type=rcfg.loss_type, n_docs=rcfg.n_docs, retrieval_loss_weight=rcfg.retrieval_loss_weight,
                    retrieval_temperature=rcfg.retrieval_temperature)
     return rag, Tokenizers(q_tok, c_tok, g_tok)
 
