@@ -63,21 +63,29 @@ class Generator(nn.Module):
             return self._target_logprobs(batch["gen_input_ids"], batch["gen_attention_mask"], batch["target_ids"],
                                          tmask)
         mask = batch["gen_attention_mask"]
-        order = torch.argsort(mask.sum(-1), stable=True)
         out = None
-        for rows in torch.tensor_split(order, self.buckets):
-            part = rows if len(rows) else order[:1]
-            m = mask[part]
-            used = m.any(0).nonzero().flatten()
-            # seq2seq inputs are right-padded: cut the right; causal prompts are left-padded with the answer
-            # columns last (logits_to_keep counts from the end): cut the left only
-            cols = slice(0, int(used[-1]) + 1) if self.is_seq2seq else slice(int(used[0]), m.shape[1])
-            lp = self._target_logprobs(batch["gen_input_ids"][part, cols], m[:, cols], batch["target_ids"][part],
-                                       tmask[part])
+        for rows, part, cols in self.bucket_plan(mask):
+            lp = self._target_logprobs(batch["gen_input_ids"][part, cols], mask[part, cols],
+                                       batch["target_ids"][part], tmask[part])
             out = lp.new_zeros((n, lp.shape[1])) if out is None else out
             if len(rows):
                 out = out.index_copy(0, rows, lp)
         return out
+
+    def bucket_plan(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, slice]]:
+        """``(rows, rows_run, columns)`` of each of the ``buckets`` forward calls for an (N, L) attention mask:
+        rows sorted by length and split evenly; ``rows_run`` = ``rows``, or one stand-in row for an empty bucket;
+        the columns trimmed to the bucket's longest row."""
+        order = torch.argsort(mask.sum(-1), stable=True)
+        plan = []
+        for rows in torch.tensor_split(order, max(self.buckets, 1)):
+            part = rows if len(rows) else order[:1]
+            used = mask[part].any(0).nonzero().flatten()
+            # seq2seq inputs are right-padded: cut the right; causal prompts are left-padded with the answer
+            # columns last (logits_to_keep counts from the end): cut the left only
+            cols = slice(0, int(used[-1]) + 1) if self.is_seq2seq else slice(int(used[0]), mask.shape[1])
+            plan.append((rows, part, cols))
+        return plan
 
     def _target_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
                          tmask: torch.Tensor) -> torch.Tensor:
