@@ -198,6 +198,17 @@ def fix_dpr_context_encoder(trainer, setup) -> bool:
     return True
 
 
+def _timed(fn, seconds: list):
+    """``fn`` that appends the duration of each call to ``seconds``."""
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            seconds.append(time.perf_counter() - t)
+    return wrapper
+
+
 def ragtrain_step(trainer, examples: list[dict], retrieve_seconds: list | None = None) -> float:
     """One iteration of ``Trainer.train()``'s loop body (collate + forward with retrieve + backward + clip +
     optimizer/scheduler step + zero_grad), without the per-step logging/refresh/eval bookkeeping.
@@ -207,14 +218,7 @@ def ragtrain_step(trainer, examples: list[dict], retrieve_seconds: list | None =
     batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     retrieve = trainer._make_retrieve(batch)
     if retrieve_seconds is not None:
-        inner = retrieve
-
-        def retrieve(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return inner(*a, **kw)
-            finally:
-                retrieve_seconds.append(time.perf_counter() - t)
+        retrieve = _timed(retrieve, retrieve_seconds)
     with acc.accumulate(trainer.model):
         out = trainer.model(batch["q_input_ids"], batch["q_attention_mask"], retrieve=retrieve)
         acc.backward(out.loss)
@@ -242,29 +246,15 @@ def ragtrain_padding(trainer, examples: list[dict]) -> tuple[float, int, float, 
             docs["ctx_input_ids"].shape[0] / docs["doc_ids"].numel())
 
 
-def _timed(fn, seconds: list):
-    """``fn`` that appends the duration of each call to ``seconds``."""
-    def wrapper(*a, **kw):
-        t = time.perf_counter()
-        try:
-            return fn(*a, **kw)
-        finally:
-            seconds.append(time.perf_counter() - t)
-    return wrapper
-
-
 class _TimedRetriever:
     """Stands in for HF's RagRetriever inside the model to time its calls (everything else is delegated)."""
 
     def __init__(self, inner, seconds: list):
-        self._inner, self._seconds = inner, seconds
+        self._inner = inner
+        self._call = _timed(inner, seconds)
 
     def __call__(self, *a, **kw):
-        t = time.perf_counter()
-        try:
-            return self._inner(*a, **kw)
-        finally:
-            self._seconds.append(time.perf_counter() - t)
+        return self._call(*a, **kw)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
