@@ -79,7 +79,7 @@ def test_live_retrieval_encodes_unique_passages_from_the_token_cache(tiny_cfg, m
     # a cache holding only part of the KB (another rank's slice): the rows it lacks are tokenized, same ids
     from ragtrain.data.kb_tokens import PassageTokens
     half = range(0, len(tr.kb) // 2)
-    tr._kb_tokens_cache = PassageTokens(tr.kb, half, tokenize, pad_id=tr.tokenizers.context.pad_token_id)
+    tr._kb_tokens_cache = PassageTokens(tr.kb, half, tokenize, tr.collator.pad_passage_ids)
     some = sorted(set(ids) | {0, len(tr.kb) - 1})
     calls.clear()
     got = tr._passage_inputs(some)

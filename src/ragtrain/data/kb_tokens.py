@@ -18,13 +18,15 @@ from tqdm.auto import tqdm
 
 # (titles, texts) -> token id lists, unpadded (RagCollator.passage_ids)
 TokenizeFn = Callable[[list[str], list[str]], list[list[int]]]
+# unpadded id rows -> {"input_ids", "attention_mask"} (RagCollator.pad_passage_ids: the live re-encoding pads alike)
+PadFn = Callable[[list[np.ndarray]], dict]
 
 
 class PassageTokens:
-    def __init__(self, kb, rows: range, tokenize: TokenizeFn, pad_id: int, chunk: int = 4096,
+    def __init__(self, kb, rows: range, tokenize: TokenizeFn, pad: PadFn, chunk: int = 4096,
                  progress: bool = False):
         self.rows = rows
-        self.pad_id = int(pad_id)
+        self.pad = pad
         parts: list[np.ndarray] = []
         lengths: list[int] = []
         starts = range(rows.start, rows.stop, chunk)
@@ -46,21 +48,15 @@ class PassageTokens:
 
     def get(self, kb_id: int) -> np.ndarray | None:
         """Unpadded ids of KB row ``kb_id``, or None when that row is outside this slice."""
-        if kb_id not in self.rows:
-            return None
-        p = kb_id - self.rows.start
+        return self._row(kb_id - self.rows.start) if kb_id in self.rows else None
+
+    def _row(self, p: int) -> np.ndarray:
         return self.flat[self.offsets[p]: self.offsets[p + 1]]
 
     def padded(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ``(input_ids, attention_mask)`` of the rows at ``positions`` (0-based in the slice)."""
-        width = max(int(self.lengths[positions].max()), 1) if len(positions) else 1
-        ids = np.full((len(positions), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(positions), width), dtype=np.int64)
-        for r, p in enumerate(positions):
-            a, b = self.offsets[p], self.offsets[p + 1]
-            ids[r, : b - a] = self.flat[a:b]
-            mask[r, : b - a] = 1
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        """Padded ``(input_ids, attention_mask)`` of the rows at ``positions`` (0-based in the slice)."""
+        enc = self.pad([self._row(p) for p in positions])
+        return enc["input_ids"], enc["attention_mask"]
 
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """``(positions, input_ids, attention_mask)``, longest passages first (an out-of-memory shows at once)."""

@@ -335,8 +335,7 @@ class Trainer:
         my = D.equal_slices(len(self.kb), D.world(), bs)[D.rank()]
         if getattr(self, "_kb_tokens_cache", None) is None or self._kb_tokens_cache.rows != my:
             self._kb_tokens_cache = PassageTokens(self.kb, my, self.collator.passage_ids,
-                                                  pad_id=self.tokenizers.context.pad_token_id or 0,
-                                                  progress=self.is_main)
+                                                  self.collator.pad_passage_ids, progress=self.is_main)
         return self._kb_tokens_cache
 
     @torch.no_grad()
@@ -354,7 +353,7 @@ class Trainer:
         batches = tokens.batches(bs)
         # under ZeRO-3 every rank must call the partitioned encoder the same number of times: ranks with fewer
         # batches run a one-passage dummy batch
-        dummy = self.collator.passages([(self.kb[0]["title"], self.kb[0]["text"])])
+        dummy = self._passage_inputs([0])
         device = self.accelerator.device
         for _ in tqdm(range(D.n_batches(n, D.world(), bs)), desc=f"encode KB ({n} passages)",
                       disable=not self.is_main):
