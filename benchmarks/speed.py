@@ -72,8 +72,8 @@ SIZES = {  # hidden, layers, heads, ffn of all three models
     "tiny": dict(hidden=64, layers=2, heads=2, ffn=128),
     "small": dict(hidden=256, layers=4, heads=4, ffn=1024),
 }
-# ragtrain's rag.generator_buckets per size: a second generator call costs more than the padding it removes at
-# hidden 64 (measured -4% generator time) and saves 18% at hidden 256 (see the config's comment)
+# ragtrain's rag.generator_buckets per size, from bench_generator_buckets (the "generator_buckets" rows of the
+# results): a second generator call costs more than the padding it removes at hidden 64, and saves at hidden 256
 GENERATOR_BUCKETS = {"toy": 2, "tiny": 1, "small": 2}
 SCALES = {
     "toy": dict(sizes="toy", batch=2, n_docs=2, steps=2, warmup=1, encode_reps=1, index_n=2000, index_dim=32,
@@ -327,7 +327,33 @@ def bench_train_step(size_name: str, size: dict, kb_dir: Path, kb, qa: list[dict
         "hf_build_s": round(t_build, 2), "ragtrain_init_s": round(t_rt, 2),
         "dpr_context_encoder_weights_copied": copied,
     }
+    res["generator_buckets"] = bench_generator_buckets(trainer, batches[warmup:][:BUCKET_BATCHES])
     return res, trainer, setup
+
+
+BUCKET_OPTIONS, BUCKET_BATCHES = (1, 2, 3), 10
+
+
+def bench_generator_buckets(trainer, batches: list[list[dict]], options=BUCKET_OPTIONS) -> dict:
+    """Generator forward + backward (``target_logprobs(...).sum().backward()``) on the step's retrieved rows, for
+    each ``rag.generator_buckets`` value, alternating the order per batch; the choice behind GENERATOR_BUCKETS."""
+    gen = trainer.unwrapped.generator
+    chosen = gen.buckets
+    seconds = {b: [] for b in options}
+    for i, exs in enumerate(batches):
+        batch = trainer._collate(exs)
+        with torch.no_grad():
+            q = trainer.unwrapped.encode_questions(batch["q_input_ids"], batch["q_attention_mask"])
+            docs = trainer._make_retrieve(batch)(q, True, False)
+        for b in (options if i % 2 == 0 else options[::-1]):
+            gen.buckets = b
+            dt, _ = _timeit(lambda: gen.target_logprobs(docs).sum().backward())
+            seconds[b].append(dt)
+    gen.buckets = chosen
+    trainer.optimizer.zero_grad()
+    base = med(seconds[options[0]])
+    return {"batches": len(batches), "median_s": {str(b): round(med(v), 4) for b, v in seconds.items()},
+            f"time_ratio_vs_{options[0]}": {str(b): round(med(v) / base, 3) for b, v in seconds.items()}}
 
 
 # ------------------------------------------------------------------------------------------ (b) KB encode
@@ -570,6 +596,16 @@ def speed_markdown(res: dict) -> str:
               "token cache; (3) the vocabulary projection runs on real answer tokens only; (4) fused AdamW. The "
               "rest (question encoder, dropout, backward of the same models) is the same work on both sides, which "
               "bounds the ratio for models whose step is dominated by generator compute."]
+    if all("generator_buckets" in r for r in res["train_step"]):
+        opts = list(res["train_step"][0]["generator_buckets"]["median_s"])
+        lines += ["", "Generator forward + backward on the retrieved rows of each step (median over "
+                  f"{res['train_step'][0]['generator_buckets']['batches']} steps' batches, settings alternated) "
+                  "by `rag.generator_buckets`; time relative to 1 call:", ""]
+        rows = []
+        for r in res["train_step"]:
+            g = r["generator_buckets"]
+            rows.append([r["size"]] + [f"{g['median_s'][b]} s ({g['time_ratio_vs_1'][b]:.2f})" for b in opts])
+        lines.append(md_table(["models"] + [f"{b} call{'s' if b != '1' else ''}" for b in opts], rows))
     if any(r.get("dpr_context_encoder_weights_copied") for r in res["train_step"]):
         lines += ["", "Note: ragtrain's `AutoModel.from_pretrained` loaded the saved `DPRContextEncoder` as a "
                   "`DPRQuestionEncoder` with fresh weights; the benchmark copied the HF context encoder's weights "

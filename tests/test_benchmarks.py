@@ -113,6 +113,9 @@ def test_speed_toy(tmp_path):
         assert isinstance(step[key], float), key
     assert 0 < step["ragtrain_live_encoded_share_of_retrieved"] <= 1
     assert step["ragtrain_optimizer"] == "AdamW (fused)"
+    buckets = step["generator_buckets"]
+    assert set(buckets["median_s"]) == set(buckets["time_ratio_vs_1"]) == {"1", "2", "3"}
+    assert buckets["time_ratio_vs_1"]["1"] == 1.0 and "rag.generator_buckets" in md.read_text()
     assert len(step["hf_step_s"]) == len(step["ragtrain_step_s"]) == step["timed_steps"]
     (enc,) = saved["encode_kb"]
     assert enc["passages"] == saved["kb"]["passages"] and "overhead" in enc
