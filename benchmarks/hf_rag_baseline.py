@@ -252,7 +252,8 @@ def build_hf_rag_e2e(
     ``(question, context, generator)`` tuple / dict. The KB embeddings and FAISS index are built once with the
     initial context encoder (HF re-indexes only in separate processes every ``indexing_freq`` steps; a step here
     never re-indexes). ``device``: where the model lives for training (the KB is embedded on CPU before the move;
-    the retriever always runs on CPU, as in HF).
+    the retriever always runs on CPU, as in HF). ``dropout``: every dropout rate of the three models (DPR hidden
+    and attention-probability dropout, BART dropout and attention dropout; 0.1 is both libraries' default).
     """
     import datasets
     import faiss
@@ -296,6 +297,8 @@ def build_hf_rag_e2e(
         max_position_embeddings=sizes.max_positions,
         pad_token_id=toks.question.pad_token_id,
         projection_dim=0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     g = toks.generator
     bart_config = BartConfig(

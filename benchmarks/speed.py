@@ -18,7 +18,9 @@ work on a shared machine hits both alike):
     ``hf_train_step`` (question/answer tokenization, forward with retrieval and live context re-encoding,
     backward, clipping, AdamW). Both include tokenizing the batch. Reported: the median over steps of
     HF seconds / ragtrain seconds for the same batch (goal >= 2x), and the share of HF's generator input that is
-    padding.
+    padding. Timed at each of ``--dropouts`` (every dropout of the three models, both sides; default 0.1 = both
+    libraries' default, then 0): on a CPU, torch draws dropout masks one element at a time, a large cost shared by
+    both sides that a GPU's fused dropout does not have, so the dropout-0 figure shows the ratio without it.
 (b) **Full KB re-encode**: ``trainer.encode_kb()`` (batching, padding, forward, gather; the KB's token ids
     are cached from the run's first refresh and batches are length-sorted) vs a bare
     ``context_encoder.model(input_ids, attention_mask)`` loop under ``torch.no_grad()`` over KB-order batches
@@ -76,11 +78,11 @@ SIZES = {  # hidden, layers, heads, ffn of all three models
 # results): a second generator call costs more than the padding it removes at hidden 64, and saves at hidden 256
 GENERATOR_BUCKETS = {"toy": 2, "tiny": 1, "small": 2}
 SCALES = {
-    "toy": dict(sizes="toy", batch=2, n_docs=2, steps=2, warmup=1, encode_reps=1, index_n=2000, index_dim=32,
-                index_kinds="flat,ivf,hnsw", queries=8, search_reps=2, minilm_passages=0, max_qa=16),
-    "default": dict(sizes="tiny,small", batch=4, n_docs=5, steps=24, warmup=2, encode_reps=2, index_n=50_000,
-                    index_dim=384, index_kinds="flat,ivf,hnsw", queries=32, search_reps=5, minilm_passages=256,
-                    max_qa=0),
+    "toy": dict(sizes="toy", dropouts="0.1,0", batch=2, n_docs=2, steps=2, warmup=1, encode_reps=1, index_n=2000,
+                index_dim=32, index_kinds="flat,ivf,hnsw", queries=8, search_reps=2, minilm_passages=0, max_qa=16),
+    "default": dict(sizes="tiny,small", dropouts="0.1,0", batch=4, n_docs=5, steps=24, warmup=2, encode_reps=2,
+                    index_n=50_000, index_dim=384, index_kinds="flat,ivf,hnsw", queries=32, search_reps=5,
+                    minilm_passages=256, max_qa=0),
 }
 HF_MAX_COMBINED = 300
 MAX_QUERY, MAX_PASSAGE, MAX_ANSWER = 128, 512, 25  # HF example's max_source_length / encoder limit / max_target_length
@@ -137,12 +139,13 @@ def build_kb_and_qa(source: str, work: Path, max_qa: int, seed: int = 0, full_on
 
 
 # ------------------------------------------------------------------------------------------- (a) train step
-def hf_setup_and_export(passages, size: dict, n_docs: int, export_dir: Path):
-    """HF end2end set-up + its three models/tokenizers saved where ragtrain can load them."""
+def hf_setup_and_export(passages, size: dict, n_docs: int, export_dir: Path, dropout: float = 0.1):
+    """HF end2end set-up + its three models/tokenizers saved where ragtrain can load them (ragtrain keeps the
+    saved configs' dropout rates: ``model.dropout`` is left unset)."""
     from benchmarks.hf_rag_baseline import TinySizes, build_hf_rag_e2e
 
     setup = build_hf_rag_e2e(passages, None, TinySizes(**size), n_docs=n_docs, max_combined_length=HF_MAX_COMBINED,
-                             seed=0, index_type="flat")
+                             seed=0, index_type="flat", dropout=dropout)
     toks = setup.tokenizers
     for name, model, tok in (("question_encoder", setup.question_encoder, toks.question),
                              ("context_encoder", setup.ctx_encoder, toks.context),
@@ -260,17 +263,36 @@ class _TimedRetriever:
         return getattr(self._inner, name)
 
 
+def dropout_rates(*models) -> set[float]:
+    """Every dropout rate in ``models``: ``nn.Dropout`` modules and the functional attention-dropout rates their
+    configs set."""
+    rates = set()
+    for m in models:
+        rates |= {float(d.p) for d in m.modules() if isinstance(d, torch.nn.Dropout)}
+        for c in {id(x.config): x.config for x in m.modules() if hasattr(x, "config")}.values():
+            rates |= {float(getattr(c, k)) for k in ("attention_probs_dropout_prob", "attention_dropout")
+                      if isinstance(getattr(c, k, None), float)}
+    return rates
+
+
 def bench_train_step(size_name: str, size: dict, kb_dir: Path, kb, qa: list[dict], qa_src: str, work: Path,
-                     batch: int, n_docs: int, steps: int, warmup: int) -> tuple[dict, object, object]:
+                     batch: int, n_docs: int, steps: int, warmup: int, dropout: float = 0.1,
+                     bucket_batches: int = 0) -> tuple[dict, object, object]:
+    """(a) for one model size and one dropout rate (all three models, both sides); ``bucket_batches`` > 0 also
+    times the generator for each ``rag.generator_buckets`` option on that many batches."""
     from benchmarks.hf_rag_baseline import hf_train_step, padding_share
 
     passages = [{"title": t, "text": x} for t, x in zip(kb["title"], kb["text"])]
-    export_dir = work / f"hf-export-{size_name}"
-    t_build, setup = _timeit(lambda: hf_setup_and_export(passages, size, n_docs, export_dir))
+    export_dir = work / f"hf-export-{size_name}-dropout{dropout}"
+    t_build, setup = _timeit(lambda: hf_setup_and_export(passages, size, n_docs, export_dir, dropout))
     buckets = GENERATOR_BUCKETS.get(size_name, 1)
-    t_rt, trainer = _timeit(lambda: ragtrain_trainer(export_dir, kb_dir, qa_src, work / f"rt-{size_name}", batch,
-                                                      n_docs, extra={"rag.generator_buckets": buckets}))
+    t_rt, trainer = _timeit(lambda: ragtrain_trainer(export_dir, kb_dir, qa_src,
+                                                      work / f"rt-{size_name}-dropout{dropout}", batch, n_docs,
+                                                      extra={"rag.generator_buckets": buckets}))
     copied = fix_dpr_context_encoder(trainer, setup)
+    rates = {"hf": dropout_rates(setup.model), "ragtrain": dropout_rates(trainer.unwrapped)}
+    if rates["hf"] != rates["ragtrain"] or rates["hf"] - {dropout, 0.0}:
+        raise RuntimeError(f"dropout rates differ from {dropout}: HF {rates['hf']}, ragtrain {rates['ragtrain']}")
     n_params = {
         "hf": sum(p.numel() for p in setup.model.parameters()),
         "ragtrain": sum(p.numel() for p in trainer.unwrapped.parameters()),
@@ -305,7 +327,7 @@ def bench_train_step(size_name: str, size: dict, kb_dir: Path, kb, qa: list[dict
     hf_pad = [padding_share(setup, [e["question"] for e in exs]) for exs in batches[warmup:]]
     rt_pad = [ragtrain_padding(trainer, exs) for exs in batches[warmup:]]
     res = {
-        "size": size_name, **size, "ragtrain_generator_buckets": buckets, "batch": batch, "n_docs": n_docs,
+        "size": size_name, **size, "dropout": dropout, "ragtrain_generator_buckets": buckets, "batch": batch, "n_docs": n_docs,
         "timed_steps": len(ratios),
         "warmup_steps": warmup, "params": n_params,
         "hf_step_s": [round(x, 4) for x in hf_t], "ragtrain_step_s": [round(x, 4) for x in rt_t],
@@ -327,7 +349,8 @@ def bench_train_step(size_name: str, size: dict, kb_dir: Path, kb, qa: list[dict
         "hf_build_s": round(t_build, 2), "ragtrain_init_s": round(t_rt, 2),
         "dpr_context_encoder_weights_copied": copied,
     }
-    res["generator_buckets"] = bench_generator_buckets(trainer, batches[warmup:][:BUCKET_BATCHES])
+    if bucket_batches:
+        res["generator_buckets"] = bench_generator_buckets(trainer, batches[warmup:][:bucket_batches])
     return res, trainer, setup
 
 
@@ -558,7 +581,8 @@ def speed_markdown(res: dict) -> str:
     ]
     rows = []
     for r in res["train_step"]:
-        rows.append([r["size"], f"{r['hidden']}/{r['layers']}", r["params"]["ragtrain"], f"{r['batch']}×{r['n_docs']}",
+        rows.append([r["size"], f"{r['hidden']}/{r['layers']}", r.get("dropout", 0.1), r["params"]["ragtrain"],
+                     f"{r['batch']}×{r['n_docs']}",
                      r["timed_steps"], r["hf_median_step_s"], r["ragtrain_median_step_s"],
                      f"**{r['median_ratio_hf_over_ragtrain']:.2f}×** ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})",
                      f"{r['hf_padding_share']:.0%} of {r['hf_generator_tokens_per_step']}",
@@ -569,7 +593,7 @@ def speed_markdown(res: dict) -> str:
                      f"{r['hf_retrieve_share_of_step']:.0%} / {r['ragtrain_retrieve_share_of_step']:.0%}",
                      f"100% / {r['ragtrain_live_encoded_share_of_retrieved']:.0%}",
                      f"{r['hf_optimizer_step_s']} / {r['ragtrain_optimizer_step_s']}"])
-    lines.append(md_table(["models", "hidden/layers", "params", "batch×docs", "steps", "HF s/step",
+    lines.append(md_table(["models", "hidden/layers", "dropout", "params", "batch×docs", "steps", "HF s/step",
                            "ragtrain s/step", "HF/ragtrain (min–max)", "HF gen. input padding",
                            "ragtrain gen. input padding", "gen. input tokens HF/ragtrain", "retrieved passage words",
                            "retrieval share HF / ragtrain", "retrieved slots re-encoded HF / ragtrain",
@@ -583,12 +607,18 @@ def speed_markdown(res: dict) -> str:
               "slots = context-encoder rows of the live re-encoding / retrieved (question, passage) slots: HF "
               "encodes every slot, ragtrain each distinct passage of the batch once. AdamW step = median "
               f"`optimizer.step()` time (HF: torch's default AdamW; ragtrain: {opt})."]
-    ratios = {r["size"]: r["median_ratio_hf_over_ragtrain"] for r in res["train_step"]}
-    met = [k for k, v in ratios.items() if v >= 2]
-    status = ("met" if len(met) == len(ratios) else
-              f"met for {', '.join(met)}, not for {', '.join(k for k in ratios if k not in met)}" if met else "not met")
-    lines += ["", f"Goal (>= 2×): {status} (median ratio {', '.join(f'{k} {v:.2f}×' for k, v in ratios.items())})."
-              " Where ragtrain saves: (1) generator input: HF pads every "
+    by_dropout: dict = {}
+    for r in res["train_step"]:
+        by_dropout.setdefault(r.get("dropout", 0.1), {})[r["size"]] = r["median_ratio_hf_over_ragtrain"]
+    goal = []
+    for i, (dropout, ratios) in enumerate(by_dropout.items()):
+        met = [k for k, v in ratios.items() if v >= 2]
+        status = ("met" if len(met) == len(ratios) else f"met for {', '.join(met)}, not for "
+                  f"{', '.join(k for k in ratios if k not in met)}" if met else "not met")
+        goal.append(f"{'Goal (>= 2×) with' if i == 0 else 'With'} dropout {dropout:g}"
+                    f"{' (both libraries’ default)' if dropout == 0.1 else ''}: {status} (median ratio "
+                    f"{', '.join(f'{k} {v:.2f}×' for k, v in ratios.items())}).")
+    lines += ["", " ".join(goal) + " Where ragtrain saves: (1) generator input: HF pads every "
               f"(passage + question) row to {HF_MAX_COMBINED} tokens, ragtrain to the longest row of each "
               "generator call; (2) live re-encoding: a passage retrieved for several questions of the batch is "
               "encoded once (with random encoders many questions retrieve the same hub passages, so this saving is "
@@ -596,16 +626,25 @@ def speed_markdown(res: dict) -> str:
               "token cache; (3) the vocabulary projection runs on real answer tokens only; (4) fused AdamW. The "
               "rest (question encoder, dropout, backward of the same models) is the same work on both sides, which "
               "bounds the ratio for models whose step is dominated by generator compute."]
-    if all("generator_buckets" in r for r in res["train_step"]):
-        opts = list(res["train_step"][0]["generator_buckets"]["median_s"])
+    if len(by_dropout) > 1:
+        lines += ["", "Why a dropout-0 row: on a CPU, drawing dropout masks is torch's per-element "
+                  "`bernoulli_` (on this machine ~9 ns per element against ~0.7 ns for a softmax, since its "
+                  "vectorised MKL path is taken on Intel CPUs only), so the attention-probability masks of the "
+                  "same models take a large share of both sides' steps; on a GPU the mask comes with the fused "
+                  "dropout kernel almost for free. The dropout-0 rows time the same steps without that shared "
+                  "cost: nearer to what a GPU step weighs, and the work ragtrain's design changes."]
+    timed = [r for r in res["train_step"] if "generator_buckets" in r]
+    if timed:
+        opts = list(timed[0]["generator_buckets"]["median_s"])
         lines += ["", "Generator forward + backward on the retrieved rows of each step (median over "
-                  f"{res['train_step'][0]['generator_buckets']['batches']} steps' batches, settings alternated) "
+                  f"{timed[0]['generator_buckets']['batches']} steps' batches, settings alternated) "
                   "by `rag.generator_buckets`; time relative to 1 call:", ""]
         rows = []
-        for r in res["train_step"]:
+        for r in timed:
             g = r["generator_buckets"]
-            rows.append([r["size"]] + [f"{g['median_s'][b]} s ({g['time_ratio_vs_1'][b]:.2f})" for b in opts])
-        lines.append(md_table(["models"] + [f"{b} call{'s' if b != '1' else ''}" for b in opts], rows))
+            rows.append([r["size"], r.get("dropout", 0.1)]
+                        + [f"{g['median_s'][b]} s ({g['time_ratio_vs_1'][b]:.2f})" for b in opts])
+        lines.append(md_table(["models", "dropout"] + [f"{b} call{'s' if b != '1' else ''}" for b in opts], rows))
     if any(r.get("dpr_context_encoder_weights_copied") for r in res["train_step"]):
         lines += ["", "Note: ragtrain's `AutoModel.from_pretrained` loaded the saved `DPRContextEncoder` as a "
                   "`DPRQuestionEncoder` with fresh weights; the benchmark copied the HF context encoder's weights "
@@ -671,6 +710,9 @@ def parse_args(argv=None):
     ap.add_argument("--kb", default=None, help="SQuAD-format file for the KB/questions, or 'sample' "
                     "(default: ../shared SQuAD dev when present, else the shipped sample; sample for --scale toy)")
     ap.add_argument("--sizes", default=None, help=f"comma-separated model sizes from {','.join(SIZES)}")
+    ap.add_argument("--dropouts", default=None, help="comma-separated dropout rates for (a), applied to every "
+                    "dropout of the three models on both sides (default 0.1,0; the first is the headline rate, "
+                    "whose models (b) and (d) also use)")
     for name, typ in (("batch", int), ("n-docs", int), ("steps", int), ("warmup", int), ("encode-reps", int),
                       ("index-n", int), ("index-dim", int), ("queries", int), ("search-reps", int),
                       ("minilm-passages", int)):
@@ -687,8 +729,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = dict(SCALES[args.scale])
-    for key in ("sizes", "batch", "n_docs", "steps", "warmup", "encode_reps", "index_n", "index_dim", "queries",
-                "search_reps", "minilm_passages", "index_kinds"):
+    for key in ("sizes", "dropouts", "batch", "n_docs", "steps", "warmup", "encode_reps", "index_n", "index_dim",
+                "queries", "search_reps", "minilm_passages", "index_kinds"):
         v = getattr(args, key)
         if v is not None:
             p[key] = v
@@ -707,14 +749,20 @@ def main(argv=None) -> dict:
         kb_dir, kb, qa, res["kb"] = build_kb_and_qa(source, work, p["max_qa"], full_only=not args.all_passages)
         qa_src = res["kb"]["qa_source"]
         res["train_step"], res["encode_kb"] = [], []
+        dropouts = [float(d) for d in str(p["dropouts"]).split(",") if d.strip()]
         for size_name in [s.strip() for s in p["sizes"].split(",") if s.strip()]:
-            log.info("(a) train step, %s models", size_name)
-            r, trainer, setup = bench_train_step(size_name, SIZES[size_name], kb_dir, kb, qa, qa_src, work,
-                                                 p["batch"], p["n_docs"], p["steps"], p["warmup"])
-            res["train_step"].append(r)
-            log.info("(a) %s: HF %.3fs ragtrain %.3fs ratio %.2f", size_name, r["hf_median_step_s"],
-                     r["ragtrain_median_step_s"], r["median_ratio_hf_over_ragtrain"])
-            del setup
+            for i, dropout in enumerate(dropouts):
+                log.info("(a) train step, %s models, dropout %g", size_name, dropout)
+                r, tr, setup = bench_train_step(size_name, SIZES[size_name], kb_dir, kb, qa, qa_src, work,
+                                                p["batch"], p["n_docs"], p["steps"], p["warmup"], dropout,
+                                                BUCKET_BATCHES if i == 0 else 0)
+                res["train_step"].append(r)
+                log.info("(a) %s, dropout %g: HF %.3fs ragtrain %.3fs ratio %.2f", size_name, dropout,
+                         r["hf_median_step_s"], r["ragtrain_median_step_s"], r["median_ratio_hf_over_ragtrain"])
+                del setup
+                if i == 0:
+                    trainer = tr  # (b) and (d) use the models of the first dropout rate
+                del tr
             log.info("(b) encode_kb, %s DPR context encoder", size_name)
             e = bench_encode_kb(trainer, p["encode_reps"], f"DPR {size_name} ({SIZES[size_name]['hidden']}/"
                                 f"{SIZES[size_name]['layers']}, {MAX_PASSAGE} max tokens)")
@@ -729,7 +777,8 @@ def main(argv=None) -> dict:
         log.info("(c) index build/search")
         res["index"] = bench_index(p["index_n"], p["index_dim"], [k for k in p["index_kinds"].split(",") if k],
                                    p["queries"], 20, p["search_reps"])
-        res["refresh_share"] = refresh_share(Path(args.quality_results), res["train_step"],
+        res["refresh_share"] = refresh_share(Path(args.quality_results),
+                                             [r for r in res["train_step"] if r["dropout"] == dropouts[0]],
                                              [e for e in res["encode_kb"] if "size" in e])
     finally:
         if not args.work_dir:

@@ -107,7 +107,10 @@ def test_speed_toy(tmp_path):
     assert js.is_file() and md.is_file()
     saved = json.loads(js.read_text())
     assert saved["kb"]["passages"] > 0 and {"cpu_model", "torch"} <= set(saved["machine"])
-    (step,) = saved["train_step"]
+    step, step_no_dropout = saved["train_step"]  # the toy scale times (a) at dropout 0.1 and 0
+    assert (step["size"], step["dropout"], step_no_dropout["dropout"]) == ("toy", 0.1, 0.0)
+    assert "generator_buckets" not in step_no_dropout  # timed for the headline dropout rate only
+    assert step_no_dropout["median_ratio_hf_over_ragtrain"] > 0
     for key in ("hf_median_step_s", "ragtrain_median_step_s", "median_ratio_hf_over_ragtrain", "hf_padding_share",
                 "ragtrain_padding_share", "hf_optimizer_step_s", "ragtrain_optimizer_step_s"):
         assert isinstance(step[key], float), key
@@ -129,6 +132,7 @@ def test_speed_toy(tmp_path):
     text = md.read_text()
     for heading in ("## (a)", "## (b)", "## (c)", "## (d)"):
         assert heading in text
+    assert "Goal (>= 2×) with dropout 0.1" in text and "With dropout 0:" in text
     assert res["wall_seconds"] >= 0
 
 
