@@ -201,6 +201,23 @@ def fix_dpr_context_encoder(trainer, setup) -> bool:
     return True
 
 
+def count_flops(fn) -> int:
+    """Matrix-multiply and attention FLOPs of ``fn()`` (forward + backward): torch's ``FlopCounterMode``, plus the
+    formulas it applies to the GPU attention kernels for the CPU flash-attention kernels, which it leaves out.
+    Element-wise work (dropout masks, GELU, layer norm, softmax outside fused attention) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten, mapping = torch.ops.aten, {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v))
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def _timed(fn, seconds: list):
     """``fn`` that appends the duration of each call to ``seconds``."""
     def wrapper(*a, **kw):
@@ -324,6 +341,8 @@ def bench_train_step(size_name: str, size: dict, kb_dir: Path, kb, qa: list[dict
     setup.model.rag.retriever = setup.model.rag.retriever._inner
     del hf_opt.step, trainer.optimizer.step  # the instance attributes; the class methods show again
     ratios = [h / r for h, r in zip(hf_t, rt_t)]
+    flops = [(count_flops(lambda: hf(exs)), count_flops(lambda: ragtrain_step(trainer, exs)))
+             for exs in batches[warmup:][:FLOP_BATCHES]]
     hf_pad = [padding_share(setup, [e["question"] for e in exs]) for exs in batches[warmup:]]
     rt_pad = [ragtrain_padding(trainer, exs) for exs in batches[warmup:]]
     res = {
@@ -334,6 +353,9 @@ def bench_train_step(size_name: str, size: dict, kb_dir: Path, kb, qa: list[dict
         "hf_median_step_s": round(med(hf_t), 4), "ragtrain_median_step_s": round(med(rt_t), 4),
         "median_ratio_hf_over_ragtrain": round(med(ratios), 3),
         "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+        "flop_batches": len(flops), "hf_gflops_per_step": round(med([h for h, _ in flops]) / 1e9, 2),
+        "ragtrain_gflops_per_step": round(med([r for _, r in flops]) / 1e9, 2),
+        "flop_ratio_hf_over_ragtrain": round(med([h / r for h, r in flops]), 3),
         "hf_padding_share": round(float(np.mean(hf_pad)), 3),
         "hf_generator_tokens_per_step": batch * n_docs * HF_MAX_COMBINED,
         "hf_real_tokens_per_generator_row": round((1 - float(np.mean(hf_pad))) * HF_MAX_COMBINED, 1),
@@ -355,6 +377,17 @@ def bench_train_step(size_name: str, size: dict, kb_dir: Path, kb, qa: list[dict
 
 
 BUCKET_OPTIONS, BUCKET_BATCHES = (1, 2, 3), 10
+FLOP_BATCHES = 3  # batches whose FLOPs are counted (after the timed steps, one more step of each side per batch)
+
+
+def bench_dropout_cost(rows: int = 40, length: int = 200, reps: int = 5) -> dict:
+    """Time per element of ``F.dropout`` in training (draws a mask) against a softmax over the same
+    (rows, length, length) tensor, the shape of a step's attention probabilities."""
+    x = torch.randn(rows, length, length)
+    drop = med([_timeit(lambda: torch.nn.functional.dropout(x, 0.1, True))[0] for _ in range(reps)])
+    soft = med([_timeit(lambda: torch.softmax(x, -1))[0] for _ in range(reps)])
+    return {"elements": x.numel(), "dropout_ns_per_element": round(drop / x.numel() * 1e9, 2),
+            "softmax_ns_per_element": round(soft / x.numel() * 1e9, 2)}
 
 
 def bench_generator_buckets(trainer, batches: list[list[dict]], options=BUCKET_OPTIONS) -> dict:
@@ -585,6 +618,8 @@ def speed_markdown(res: dict) -> str:
                      f"{r['batch']}×{r['n_docs']}",
                      r["timed_steps"], r["hf_median_step_s"], r["ragtrain_median_step_s"],
                      f"**{r['median_ratio_hf_over_ragtrain']:.2f}×** ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})",
+                     f"{r['hf_gflops_per_step']} / {r['ragtrain_gflops_per_step']} = "
+                     f"**{r['flop_ratio_hf_over_ragtrain']:.2f}**" if "flop_ratio_hf_over_ragtrain" in r else "",
                      f"{r['hf_padding_share']:.0%} of {r['hf_generator_tokens_per_step']}",
                      f"{r['ragtrain_padding_share']:.0%} of {r['ragtrain_generator_tokens_per_step']}"
                      f" ({r.get('ragtrain_generator_buckets', 1)} call{'s' if r.get('ragtrain_generator_buckets', 1) > 1 else ''})",
@@ -594,7 +629,8 @@ def speed_markdown(res: dict) -> str:
                      f"100% / {r['ragtrain_live_encoded_share_of_retrieved']:.0%}",
                      f"{r['hf_optimizer_step_s']} / {r['ragtrain_optimizer_step_s']}"])
     lines.append(md_table(["models", "hidden/layers", "dropout", "params", "batch×docs", "steps", "HF s/step",
-                           "ragtrain s/step", "HF/ragtrain (min–max)", "HF gen. input padding",
+                           "ragtrain s/step", "HF/ragtrain (min–max)", "GFLOP/step HF / ragtrain",
+                           "HF gen. input padding",
                            "ragtrain gen. input padding", "gen. input tokens HF/ragtrain", "retrieved passage words",
                            "retrieval share HF / ragtrain", "retrieved slots re-encoded HF / ragtrain",
                            "AdamW step s HF / ragtrain"], rows))
@@ -606,10 +642,15 @@ def speed_markdown(res: dict) -> str:
               "`retrieve` callback (search, passage fetch, tokenization), median share of the step. Re-encoded "
               "slots = context-encoder rows of the live re-encoding / retrieved (question, passage) slots: HF "
               "encodes every slot, ragtrain each distinct passage of the batch once. AdamW step = median "
-              f"`optimizer.step()` time (HF: torch's default AdamW; ragtrain: {opt})."]
+              f"`optimizer.step()` time (HF: torch's default AdamW; ragtrain: {opt}). GFLOP/step = matrix-multiply "
+              "and attention FLOPs of a step (forward + backward; torch's `FlopCounterMode`, median over "
+              f"{FLOP_BATCHES} of the batches): their ratio is the time ratio the two would reach running their "
+              "matrix products at the same rate, i.e. how much less arithmetic ragtrain does for the same loss and "
+              "gradients; element-wise work (dropout masks, GELU, layer norm) is not in it."]
     by_dropout: dict = {}
     for r in res["train_step"]:
         by_dropout.setdefault(r.get("dropout", 0.1), {})[r["size"]] = r["median_ratio_hf_over_ragtrain"]
+    flop_ratio = {(r.get("dropout", 0.1), r["size"]): r.get("flop_ratio_hf_over_ragtrain") for r in res["train_step"]}
     goal = []
     for i, (dropout, ratios) in enumerate(by_dropout.items()):
         met = [k for k, v in ratios.items() if v >= 2]
@@ -617,7 +658,9 @@ def speed_markdown(res: dict) -> str:
                   f"{', '.join(k for k in ratios if k not in met)}" if met else "not met")
         goal.append(f"{'Goal (>= 2×) with' if i == 0 else 'With'} dropout {dropout:g}"
                     f"{' (both libraries’ default)' if dropout == 0.1 else ''}: {status} (median ratio "
-                    f"{', '.join(f'{k} {v:.2f}×' for k, v in ratios.items())}).")
+                    + ", ".join(f"{k} {v:.2f}×" + (f" at a FLOP ratio of {flop_ratio[dropout, k]:.2f}"
+                                                   if flop_ratio.get((dropout, k)) else "")
+                                for k, v in ratios.items()) + ").")
     lines += ["", " ".join(goal) + " Where ragtrain saves: (1) generator input: HF pads every "
               f"(passage + question) row to {HF_MAX_COMBINED} tokens, ragtrain to the longest row of each "
               "generator call; (2) live re-encoding: a passage retrieved for several questions of the batch is "
@@ -626,13 +669,14 @@ def speed_markdown(res: dict) -> str:
               "token cache; (3) the vocabulary projection runs on real answer tokens only; (4) fused AdamW. The "
               "rest (question encoder, dropout, backward of the same models) is the same work on both sides, which "
               "bounds the ratio for models whose step is dominated by generator compute."]
-    if len(by_dropout) > 1:
-        lines += ["", "Why a dropout-0 row: on a CPU, drawing dropout masks is torch's per-element "
-                  "`bernoulli_` (on this machine ~9 ns per element against ~0.7 ns for a softmax, since its "
-                  "vectorised MKL path is taken on Intel CPUs only), so the attention-probability masks of the "
-                  "same models take a large share of both sides' steps; on a GPU the mask comes with the fused "
-                  "dropout kernel almost for free. The dropout-0 rows time the same steps without that shared "
-                  "cost: nearer to what a GPU step weighs, and the work ragtrain's design changes."]
+    if len(by_dropout) > 1 and "dropout_cost" in res:
+        c = res["dropout_cost"]
+        lines += ["", "Why a dropout-0 row: on this CPU, `F.dropout` in training costs "
+                  f"{c['dropout_ns_per_element']} ns per element against {c['softmax_ns_per_element']} ns for a "
+                  f"softmax over the same {c['elements']} elements (torch draws the mask element by element), so "
+                  "the attention-probability masks of the same models weigh heavily in both sides' steps, while a "
+                  "GPU draws them inside its fused dropout kernel. The dropout-0 rows time the same steps without "
+                  "that shared cost."]
     timed = [r for r in res["train_step"] if "generator_buckets" in r]
     if timed:
         opts = list(timed[0]["generator_buckets"]["median_s"])
@@ -750,6 +794,7 @@ def main(argv=None) -> dict:
         qa_src = res["kb"]["qa_source"]
         res["train_step"], res["encode_kb"] = [], []
         dropouts = [float(d) for d in str(p["dropouts"]).split(",") if d.strip()]
+        res["dropout_cost"] = bench_dropout_cost()
         for size_name in [s.strip() for s in p["sizes"].split(",") if s.strip()]:
             for i, dropout in enumerate(dropouts):
                 log.info("(a) train step, %s models, dropout %g", size_name, dropout)

@@ -115,6 +115,8 @@ def test_speed_toy(tmp_path):
                 "ragtrain_padding_share", "hf_optimizer_step_s", "ragtrain_optimizer_step_s"):
         assert isinstance(step[key], float), key
     assert 0 < step["ragtrain_live_encoded_share_of_retrieved"] <= 1
+    assert step["flop_batches"] == 2 and step["hf_gflops_per_step"] > 0 and step["ragtrain_gflops_per_step"] > 0
+    assert step["flop_ratio_hf_over_ragtrain"] > 0
     assert step["ragtrain_optimizer"] == "AdamW (fused)"
     buckets = step["generator_buckets"]
     assert set(buckets["median_s"]) == set(buckets["time_ratio_vs_1"]) == {"1", "2", "3"}
@@ -133,7 +135,24 @@ def test_speed_toy(tmp_path):
     for heading in ("## (a)", "## (b)", "## (c)", "## (d)"):
         assert heading in text
     assert "Goal (>= 2×) with dropout 0.1" in text and "With dropout 0:" in text
+    assert saved["dropout_cost"]["dropout_ns_per_element"] > 0 and "Why a dropout-0 row" in text
     assert res["wall_seconds"] >= 0
+
+
+def test_count_flops_matches_the_matmul_and_attention_formulas():
+    torch = pytest.importorskip("torch")
+    lin = torch.nn.Linear(16, 32, bias=False)
+    x = torch.randn(8, 16, requires_grad=True)
+    # forward x @ W.T, backward grad_x and grad_W: three (8 x 16 x 32) products of 2 FLOPs per multiply-add
+    assert speed.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 8 * 16 * 32
+    b, h, s, d = 2, 3, 10, 8
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    product = 2 * b * h * s * s * d
+    attn = torch.nn.functional.scaled_dot_product_attention
+    # CPU flash kernels, counted through the mapping speed.py adds: forward q @ k.T and p @ v; backward recomputes
+    # the scores and forms grad_v, grad_p, grad_q and grad_k
+    assert speed.count_flops(lambda: attn(q, k, v)) == 2 * product
+    assert speed.count_flops(lambda: attn(q, k, v).sum().backward()) == (2 + 5) * product
 
 
 @pytest.mark.slow
