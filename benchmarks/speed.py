@@ -676,7 +676,9 @@ def speed_markdown(res: dict) -> str:
                   f"softmax over the same {c['elements']} elements (torch draws the mask element by element), so "
                   "the attention-probability masks of the same models weigh heavily in both sides' steps, while a "
                   "GPU draws them inside its fused dropout kernel. The dropout-0 rows time the same steps without "
-                  "that shared cost."]
+                  "that shared cost. One more thing changes with it: without dropout noise in the question "
+                  "encoder, the random encoders send more questions of a batch to the same hub passages, so fewer "
+                  "distinct passages are re-encoded (the re-encoded column), which favours ragtrain in those rows."]
     timed = [r for r in res["train_step"] if "generator_buckets" in r]
     if timed:
         opts = list(timed[0]["generator_buckets"]["median_s"])
