@@ -346,8 +346,8 @@ def bench_train_step(size_name: str, size: dict, kb_dir: Path, kb, qa: list[dict
     hf_pad = [padding_share(setup, [e["question"] for e in exs]) for exs in batches[warmup:]]
     rt_pad = [ragtrain_padding(trainer, exs) for exs in batches[warmup:]]
     res = {
-        "size": size_name, **size, "dropout": dropout, "ragtrain_generator_buckets": buckets, "batch": batch, "n_docs": n_docs,
-        "timed_steps": len(ratios),
+        "size": size_name, **size, "dropout": dropout, "ragtrain_generator_buckets": buckets, "batch": batch,
+        "n_docs": n_docs, "timed_steps": len(ratios),
         "warmup_steps": warmup, "params": n_params,
         "hf_step_s": [round(x, 4) for x in hf_t], "ragtrain_step_s": [round(x, 4) for x in rt_t],
         "hf_median_step_s": round(med(hf_t), 4), "ragtrain_median_step_s": round(med(rt_t), 4),
@@ -650,7 +650,8 @@ def speed_markdown(res: dict) -> str:
     by_dropout: dict = {}
     for r in res["train_step"]:
         by_dropout.setdefault(r.get("dropout", 0.1), {})[r["size"]] = r["median_ratio_hf_over_ragtrain"]
-    flop_ratio = {(r.get("dropout", 0.1), r["size"]): r.get("flop_ratio_hf_over_ragtrain") for r in res["train_step"]}
+    flop_ratio = {(r.get("dropout", 0.1), r["size"]): r.get("flop_ratio_hf_over_ragtrain")
+                  for r in res["train_step"]}
     goal = []
     for i, (dropout, ratios) in enumerate(by_dropout.items()):
         met = [k for k, v in ratios.items() if v >= 2]
