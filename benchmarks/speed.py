@@ -75,7 +75,8 @@ SIZES = {  # hidden, layers, heads, ffn of all three models
     "small": dict(hidden=256, layers=4, heads=4, ffn=1024),
 }
 # ragtrain's rag.generator_buckets per size, from bench_generator_buckets (the "generator_buckets" rows of the
-# results): a second generator call costs more than the padding it removes at hidden 64, and saves at hidden 256
+# results). Two calls against one in the last two committed runs: 0.94-0.99x the time at hidden 256, 0.97-1.01x
+# at hidden 64, where a call's fixed cost eats most of the padding saved (within run-to-run noise: it keeps 1)
 GENERATOR_BUCKETS = {"toy": 2, "tiny": 1, "small": 2}
 SCALES = {
     "toy": dict(sizes="toy", dropouts="0.1,0", batch=2, n_docs=2, steps=2, warmup=1, encode_reps=1, index_n=2000,
@@ -637,8 +638,8 @@ def speed_markdown(res: dict) -> str:
     opt = res["train_step"][0].get("ragtrain_optimizer", "AdamW")
     lines += ["", "Padding = share of the generator's (passage + question) input tokens that are padding, of the "
               "tokens per step shown; ragtrain's generator runs in `rag.generator_buckets` length-sorted calls, "
-              "each padded to its own longest row (1 for tiny: a second call costs more than the padding it removes "
-              "at this size; 2 for small). Retrieval share = time inside HF's `RagRetriever` call / ragtrain's "
+              "each padded to its own longest row (1 for tiny, 2 for small: see the generator-call timings "
+              "below). Retrieval share = time inside HF's `RagRetriever` call / ragtrain's "
               "`retrieve` callback (search, passage fetch, tokenization), median share of the step. Re-encoded "
               "slots = context-encoder rows of the live re-encoding / retrieved (question, passage) slots: HF "
               "encodes every slot, ragtrain each distinct passage of the batch once. AdamW step = median "

@@ -90,9 +90,9 @@ class RagConfig:
     retrieval_temperature: float = 1.0
     # > 1: the generator runs its (question, passage) rows in this many forward calls of rows of similar length,
     # each trimmed to its own longest row; same result, less padding.  Pays off when the generator's compute
-    # dominates the step and row lengths vary (benchmarks/results/speed-cpu.md: 2 calls -6% generator time at
-    # 20M params on CPU, +1% at 2M, where a call's fixed cost dominates); under ZeRO-3 every call gathers the
-    # generator's parameters again.
+    # dominates the step and row lengths vary (benchmarks/speed.py on CPU, 2 calls against 1: -1% to -6%
+    # generator time at 20M params, -3% to +1% at 2M, where a call's fixed cost dominates); under ZeRO-3 every
+    # call gathers the generator's parameters again.
     generator_buckets: int = 1
 
 
