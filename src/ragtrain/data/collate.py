@@ -1,7 +1,7 @@
 """Tokenization for the encoders and the generator.
 
 * questions -> question-encoder inputs;
-* (title, text) passages -> context-encoder inputs (``title [SEP] text``);
+* (title, text) passages -> context-encoder inputs (``title [SEP] text``, or the text alone when the title is empty);
 * (question, passage, answer) rows -> generator inputs.  Causal LMs get a left-padded prompt
   ``Context: <title>. <text>\\nQuestion: <q>\\nAnswer:`` followed by `` <answer><eos>`` so that the answer columns
   line up across rows (see :mod:`ragtrain.model.generator`); the passage is truncated, never the question.
@@ -15,6 +15,11 @@ from typing import Sequence
 import torch
 
 Passage = tuple[str, str]  # (title, text)
+
+
+def _titled(title: str, text: str) -> str:
+    """``"<title>. <text>"``, or the text alone for a passage without a title."""
+    return f"{title}. {text}" if title else text
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +64,24 @@ class RagCollator:
         return {"q_input_ids": enc["input_ids"], "q_attention_mask": enc["attention_mask"]}
 
     def passage_ids(self, titles: list[str], texts: list[str]) -> list[list[int]]:
-        """Unpadded context-encoder ids, the same as :meth:`passages` gives before padding."""
-        return self.c_tok(titles, texts, truncation="only_second", max_length=self.max_passage_length).input_ids
+        """Unpadded context-encoder ids, the same as :meth:`passages` gives before padding.
+
+        A passage with a title is the pair ``(title, text)``; one without (an empty title) is its text alone,
+        not a pair with an empty first segment."""
+        titled = [i for i, t in enumerate(titles) if t]
+        if len(titled) == len(titles):
+            return self.c_tok(titles, texts, truncation="only_second", max_length=self.max_passage_length).input_ids
+        out: list = [None] * len(titles)
+        if titled:
+            ids = self.c_tok([titles[i] for i in titled], [texts[i] for i in titled], truncation="only_second",
+                             max_length=self.max_passage_length).input_ids
+            for i, row in zip(titled, ids):
+                out[i] = row
+        untitled = [i for i, t in enumerate(titles) if not t]
+        ids = self.c_tok([texts[i] for i in untitled], truncation=True, max_length=self.max_passage_length).input_ids
+        for i, row in zip(untitled, ids):
+            out[i] = row
+        return out
 
     def pad_passage_ids(self, rows: Sequence[Sequence[int]]) -> dict:
         """Context-encoder batch from unpadded id rows (:meth:`passage_ids`, or the KB token cache)."""
@@ -75,10 +96,10 @@ class RagCollator:
     def _prompt_rows(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> list[list[int]]:
         """Prompt ids of every (question_b, passage_bk) row, b-major, in a few batched tokenizer calls."""
         if self.is_seq2seq:
-            texts = [f"question: {q} context: {t}. {x}" for q, docs in zip(questions, passages) for t, x in docs]
+            texts = [f"question: {q} context: {_titled(t, x)}" for q, docs in zip(questions, passages) for t, x in docs]
             return self.g_tok(texts, truncation=True, max_length=self.max_prompt_length).input_ids if texts else []
         q_rows = self.g_tok([f"\nQuestion: {q}\nAnswer:" for q in questions], add_special_tokens=False).input_ids
-        ctx_rows = iter(self.g_tok([f"Context: {t}. {x}" for docs in passages for t, x in docs],
+        ctx_rows = iter(self.g_tok([f"Context: {_titled(t, x)}" for docs in passages for t, x in docs],
                                    add_special_tokens=False).input_ids if passages else [])
         rows = []
         for q_ids, docs in zip(q_rows, passages):

@@ -2,9 +2,13 @@
 
 Supported inputs (chosen by extension, or forced with ``fmt``; a trailing ``.gz`` means gzip):
 
-* ``.csv`` / ``.tsv`` -- a header row with columns ``title`` and ``text`` (optional ``id``);
-* ``.jsonl`` -- one JSON object per line with keys ``title`` and ``text`` (optional ``id``);
-* ``.json`` -- SQuAD format ``{"data": [{"title", "paragraphs": [{"context", "qas"}]}]}``.
+* ``.csv`` / ``.tsv`` -- a header row with a ``text`` column (optional ``title`` and ``id``);
+* ``.jsonl`` -- one JSON object per line with key ``text`` (optional ``title`` and ``id``);
+* ``.json`` -- SQuAD format ``{"data": [{"title"?, "paragraphs": [{"context", "qas"}]}]}``.
+
+Titles are optional everywhere: a document without one gets an empty title (the passage is encoded and shown
+to the generator without a title line). A SQuAD article without a title is named ``#<1-based article index>``
+wherever an article must be named (``doc_id``, article-level splits).
 
 Every document (row / SQuAD paragraph) is cut into passages of ``passage_words`` whitespace words
 (the last one may be shorter); each passage keeps its document's title. The resulting dataset has
@@ -14,7 +18,7 @@ the columns of :data:`KB_FEATURES`:
 ``title``       the document title
 ``text``        the passage text (words joined by single spaces)
 ``doc_id``      the source row's ``id`` if given, else ``"<file stem>:<row index>"`` (0-based index
-                of the record in its file); for SQuAD ``"<article title>:<paragraph index>"``
+                of the record in its file); for SQuAD ``"<article title or #index>:<paragraph index>"``
 ``char_start``  character offset of the passage's first word inside the source document text
 
 Bad input raises :class:`~ragtrain.data.errors.DataError` with one line naming the file and row
@@ -223,11 +227,10 @@ def _read_delimited(path: Path, delimiter: str, progress: _Progress, f: io.TextI
     if has_undecodable(*header):
         raise DataError(f"{path} row 1: {_UNDECODABLE}")
     cols = {name.strip().lower(): i for i, name in enumerate(header)}
-    for required in ("title", "text"):
-        if required not in cols:
-            found = ", ".join(repr(h) for h in header)
-            raise DataError(f"{path}: missing required column {required!r} (header: {found})")
-    i_title, i_text, i_id = cols["title"], cols["text"], cols.get("id")
+    if "text" not in cols:  # a title column is optional: passages then get an empty title
+        found = ", ".join(repr(h) for h in header)
+        raise DataError(f"{path}: missing required column 'text' (header: {found})")
+    i_title, i_text, i_id = cols.get("title"), cols["text"], cols.get("id")
 
     index = 0  # 0-based index of the data record (for default doc ids)
     while True:
@@ -254,7 +257,7 @@ def _read_delimited(path: Path, delimiter: str, progress: _Progress, f: io.TextI
         if not text.strip():
             yield _Bad(f"row {line}", "empty 'text'")
             continue
-        title = row[i_title].strip() if i_title < len(row) else ""
+        title = row[i_title].strip() if i_title is not None and i_title < len(row) else ""
         given_id = row[i_id].strip() if i_id is not None and i_id < len(row) else ""
         yield _Doc(title, text, given_id or f"{stem}:{record_index}")
 
@@ -282,10 +285,7 @@ def _read_jsonl(path: Path, progress: _Progress, f: io.TextIOWrapper) -> Iterato
         if "text" not in obj:
             yield _Bad(where, "missing 'text'")
             continue
-        if "title" not in obj:
-            yield _Bad(where, "missing 'title'")
-            continue
-        text, title = obj["text"], obj["title"]
+        text, title = obj["text"], obj.get("title")  # no title -> empty title
         if not isinstance(text, str) or not text.strip():
             yield _Bad(where, "empty 'text'" if not text else f"'text' must be a string, got {type(text).__name__}")
             continue
@@ -319,12 +319,14 @@ def _read_squad(path: Path) -> Iterator[_Doc | _Bad]:
             yield _Bad(f"article {a_i}", "expected a JSON object")
             continue
         title = article.get("title")
-        if not isinstance(title, str) or not title.strip():
-            yield _Bad(f"article {a_i}", "missing or empty 'title'")
+        if title is not None and not isinstance(title, str):
+            yield _Bad(f"article {a_i}", f"'title' must be a string, got {type(title).__name__}")
             continue
+        title = (title or "").strip()
         if has_undecodable(title):
             yield _Bad(f"article {a_i}", _UNDECODABLE)
             continue
+        key = squad_article_key(title, a_i)
         paragraphs = article.get("paragraphs")
         if not isinstance(paragraphs, list):
             yield _Bad(f"article {a_i}", "missing 'paragraphs' list")
@@ -338,12 +340,21 @@ def _read_squad(path: Path) -> Iterator[_Doc | _Bad]:
             if has_undecodable(context):
                 yield _Bad(where, _UNDECODABLE)
                 continue
-            yield _Doc(title.strip(), context, squad_doc_id(title, p_i))
+            yield _Doc(title, context, squad_doc_id(key, p_i))
 
 
-def squad_doc_id(title: str, paragraph_index: int) -> str:
-    """KB ``doc_id`` of SQuAD paragraph ``paragraph_index`` (0-based) of the article ``title``."""
-    return f"{title.strip()}:{paragraph_index}"
+def squad_article_key(title: str, article_index: int) -> str:
+    """Stable key of a SQuAD article: its title, or ``#<1-based article index>`` when it has none.
+
+    Many SQuAD-format files in the wild (COVID-QA among them) have no article titles; their passages get an empty
+    title, and the article index stands in wherever an article must be named (KB ``doc_id``, article splits).
+    """
+    return title.strip() or f"#{article_index}"
+
+
+def squad_doc_id(article_key: str, paragraph_index: int) -> str:
+    """KB ``doc_id`` of SQuAD paragraph ``paragraph_index`` (0-based) of the article ``article_key``."""
+    return f"{article_key.strip()}:{paragraph_index}"
 
 
 def _iter_source(path: Path, fmt: str) -> Generator[_Doc | _Bad, None, None]:

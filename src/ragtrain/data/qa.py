@@ -46,6 +46,7 @@ from ragtrain.data.kb import (
     has_undecodable,
     load_squad_json,
     open_text,
+    squad_article_key,
     squad_doc_id,
     strip_compression,
 )
@@ -197,9 +198,13 @@ def _read_squad(path: Path) -> Iterator[_Example | _Bad | Literal["unanswerable"
             yield _Bad(path, f"article {a_i}", "expected an object with a 'paragraphs' list")
             continue
         title = article.get("title")
-        if not isinstance(title, str) or not title.strip() or has_undecodable(title):
-            yield _Bad(path, f"article {a_i}", "missing, empty or undecodable 'title'")
+        if title is not None and not isinstance(title, str):
+            yield _Bad(path, f"article {a_i}", f"'title' must be a string, got {type(title).__name__}")
             continue
+        if has_undecodable(title or ""):
+            yield _Bad(path, f"article {a_i}", _UNDECODABLE)
+            continue
+        key = squad_article_key(title or "", a_i)  # the article index stands in for a missing title
         for p_i, para in enumerate(article["paragraphs"]):
             qas = para.get("qas") if isinstance(para, dict) else None
             if not isinstance(qas, list):
@@ -230,11 +235,11 @@ def _read_squad(path: Path) -> Iterator[_Example | _Bad | Literal["unanswerable"
                     continue
                 start = raw_answers[0].get("answer_start")
                 yield _Example(
-                    id=str(qa["id"]) if qa.get("id") not in (None, "") else f"{title.strip()}:{p_i}:{q_i - 1}",
+                    id=str(qa["id"]) if qa.get("id") not in (None, "") else f"{key}:{p_i}:{q_i - 1}",
                     question=question.strip(),
                     answers=answers,
-                    article=title.strip(),
-                    gold_doc=squad_doc_id(title, p_i),
+                    article=key,
+                    gold_doc=squad_doc_id(key, p_i),
                     gold_char=start if isinstance(start, int) and not isinstance(start, bool) and start >= 0 else None,
                 )
 

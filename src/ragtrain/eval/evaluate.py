@@ -27,9 +27,10 @@ Search = Callable[[torch.Tensor, Sequence[str], int], tuple[np.ndarray, np.ndarr
 def predict(rag: RagModel, collator: RagCollator, search: Search, kb, examples: Sequence[dict], *, n_docs: int,
             recall_depth: int, batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 24,
             device: torch.device | str = "cpu", synced_gpus: bool = False, show_progress: bool = True,
-            pad_to_batches: int | None = None) -> list[dict]:
+            pad_to_batches: int | None = None, generate: bool = True) -> list[dict]:
     """Per example: ``{"id", "prediction", "retrieved_ids", "hits"}``.
 
+    ``generate=False``: retrieval only (``prediction`` is None; the generator is never called).
     ``pad_to_batches``: run this many batches even if ``examples`` needs fewer (repeating the last batch and
     dropping its outputs) so that every rank calls a ZeRO-3 partitioned model the same number of times."""
     was_training = rag.training
@@ -53,6 +54,10 @@ def predict(rag: RagModel, collator: RagCollator, search: Search, kb, examples: 
         rows = kb[ids.reshape(-1).clip(min=0).tolist()]
         titles, texts = rows["title"], rows["text"]
         passages = [[(titles[i * depth + j], texts[i * depth + j]) for j in range(depth)] for i in range(len(batch))]
+        if not generate:
+            if real:
+                out.extend(_record(ex, None, ids[i], passages[i]) for i, ex in enumerate(batch))
+            continue
         top = [p[:n_docs] for p in passages]
         prompts = {k: v.to(device) for k, v in collator.generation_prompts(questions, top).items()}
         gen = rag.generator.generate(prompts["input_ids"], prompts["attention_mask"], num_beams=num_beams,
@@ -70,19 +75,23 @@ def predict(rag: RagModel, collator: RagCollator, search: Search, kb, examples: 
         best = (seq_lp.cpu() + doc_lp).argmax(-1)
         if not real:
             continue
-        for i, ex in enumerate(batch):
-            hits = retrieval_hits(ids[i].tolist(), [t for _, t in passages[i]], ex.get("gold_passage_id", -1),
-                                  ex["answers"])
-            out.append({"id": ex["id"], "question": ex["question"], "answers": ex["answers"],
-                        "prediction": cands[i * n_docs + int(best[i])], "retrieved_ids": ids[i].tolist(),
-                        "hits": hits})
+        out.extend(_record(ex, cands[i * n_docs + int(best[i])], ids[i], passages[i]) for i, ex in enumerate(batch))
     rag.train(was_training)
     return out
 
 
+def _record(ex: dict, prediction: str | None, ids: np.ndarray, passages: list) -> dict:
+    hits = retrieval_hits(ids.tolist(), [t for _, t in passages], ex.get("gold_passage_id", -1), ex["answers"])
+    return {"id": ex["id"], "question": ex["question"], "answers": ex["answers"], "prediction": prediction,
+            "retrieved_ids": ids.tolist(), "hits": hits}
+
+
 def summarize(records: Sequence[dict], recall_ks: Sequence[int]) -> dict:
-    """EM/F1/BLEU/ROUGE-L and recall@k/MRR (percent) over ``predict`` records."""
-    res = {"n": len(records)}
-    res.update(qa_metrics([r["prediction"] for r in records], [r["answers"] for r in records]))
+    """EM/F1/BLEU/ROUGE-L (over the records with a prediction; ``n_generated`` of them) and recall@k/MRR (over all
+    ``n`` records), percent."""
+    gen = [r for r in records if r["prediction"] is not None]
+    res = {"n": len(records), "n_generated": len(gen)}
+    if gen:
+        res.update(qa_metrics([r["prediction"] for r in gen], [r["answers"] for r in gen]))
     res.update(retrieval_metrics([r["hits"] for r in records], ks=tuple(recall_ks)))
     return res

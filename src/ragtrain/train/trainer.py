@@ -464,23 +464,31 @@ class Trainer:
             self.save_checkpoint()
 
     # -------------------------------------------------------------------------------- evaluate
-    def evaluate(self, examples: list[dict]) -> dict:
-        ec, n_docs = self.cfg.eval, self.cfg.rag.n_docs
-        mine = examples[D.rank()::D.world()]
-        n_b = math.ceil(math.ceil(len(examples) / D.world()) / ec.batch_size)
+    def evaluate(self, examples: list[dict], max_generate: int = -1) -> tuple[dict, list[dict]]:
+        """Retrieval metrics on every example; an answer generated (EM/F1/...) for the first ``max_generate``
+        (-1 = all, 0 = none). Each rank takes every world-th example of both parts, padded to equal batch counts
+        (ZeRO-3 needs every rank to call the partitioned models the same number of times)."""
+        ec = self.cfg.eval
+        n_docs = ec.decode_docs or self.cfg.rag.n_docs
+        n_gen = len(examples) if max_generate < 0 else min(max_generate, len(examples))
         rag = self.unwrapped
 
         def search(q, questions, k):
             res = self.search(q, list(questions), k)
             return res["scores"].numpy(), res["ids"].numpy()
 
-        with self.accelerator.autocast():
-            records = predict(rag, self.collator, search, self.kb, mine, n_docs=n_docs,
-                              recall_depth=min(max(ec.recall_ks), len(self.kb)), batch_size=ec.batch_size,
-                              num_beams=ec.num_beams, max_new_tokens=ec.max_new_tokens,
-                              device=self.accelerator.device, synced_gpus=self.is_zero3 and D.world() > 1,
-                              show_progress=self.is_main, pad_to_batches=n_b)
-        records = [r for part in D.gather_objects(records) for r in part]
+        records = []
+        for part, generate in ((examples[:n_gen], True), (examples[n_gen:], False)):
+            if not part:
+                continue
+            n_b = math.ceil(math.ceil(len(part) / D.world()) / ec.batch_size)
+            with self.accelerator.autocast():
+                mine = predict(rag, self.collator, search, self.kb, part[D.rank()::D.world()], n_docs=n_docs,
+                               recall_depth=min(max(ec.recall_ks), len(self.kb)), batch_size=ec.batch_size,
+                               num_beams=ec.num_beams, max_new_tokens=ec.max_new_tokens,
+                               device=self.accelerator.device, synced_gpus=self.is_zero3 and D.world() > 1,
+                               show_progress=self.is_main, pad_to_batches=n_b, generate=generate)
+            records += [r for p in D.gather_objects(mine) for r in p]
         return summarize(records, [k for k in ec.recall_ks]), records
 
     def evaluate_and_log(self, split: str, final: bool = False) -> dict:
@@ -489,7 +497,8 @@ class Trainer:
                "index_version": self.index_version, "last_refresh_step": self.last_refresh_step}
         self._loss_sum, self._loss_n = 0.0, 0
         if examples:
-            metrics, records = self.evaluate(examples)
+            ec = self.cfg.eval
+            metrics, records = self.evaluate(examples, ec.max_generate if final else ec.max_generate_in_training)
             row.update(metrics)
             if final and self.is_main:
                 with open(self.out / f"predictions_{split}.jsonl", "w") as f:
