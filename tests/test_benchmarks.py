@@ -27,8 +27,9 @@ from benchmarks import quality, speed  # noqa: E402
 QUALITY_KEYS = ("em", "f1", "recall@1", "recall@5", "recall@20", "mrr", "train_seconds", "refresh_seconds", "steps")
 
 
-def _sample_as_squad(path: Path) -> Path:
-    """The shipped sample rewritten as a SQuAD-format file (one paragraph per document)."""
+def _sample_as_squad(path: Path, titles: bool = True) -> Path:
+    """The shipped sample rewritten as a SQuAD-format file (one paragraph per document; like COVID-QA without
+    article titles when ``titles`` is false)."""
     docs = [json.loads(line) for line in (SAMPLE / "kb.jsonl").read_text().splitlines() if line.strip()]
     qas = [json.loads(line) for line in (SAMPLE / "qa.jsonl").read_text().splitlines() if line.strip()]
     data = []
@@ -39,16 +40,18 @@ def _sample_as_squad(path: Path) -> Path:
                 continue
             answers = [{"text": a, "answer_start": d["text"].lower().find(a.lower())} for a in q["answers"]]
             items.append({"id": q["id"], "question": q["question"], "answers": answers})
-        data.append({"title": d["title"], "paragraphs": [{"context": d["text"], "qas": items}]})
+        data.append({"title": d["title"], "paragraphs": [{"context": d["text"], "qas": items}]} if titles
+                    else {"paragraphs": [{"context": d["text"], "qas": items}]})
     path.write_text(json.dumps({"version": "1.1", "data": data}))
     return path
 
 
-def test_quality_toy_on_a_squad_file(tmp_path):
-    squad = _sample_as_squad(tmp_path / "sample-squad.json")
+def test_quality_toy_on_a_title_less_squad_file(tmp_path):
+    squad = _sample_as_squad(tmp_path / "sample-squad.json", titles=False)
     out = tmp_path / "q"
     res = quality.main(["--scale", "toy", "--dataset", str(squad), "--max-articles", "24", "--out", str(out),
-                        "--work-dir", str(tmp_path / "work")])
+                        "--work-dir", str(tmp_path / "work"), "--arms", ",".join(quality.ARMS),
+                        "--set", "eval.max_generate=4"])
     assert set(res["arms"]) == set(quality.ARMS)
     for name in ("results.json", "results.md", "curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -70,6 +73,40 @@ def test_quality_toy_on_a_squad_file(tmp_path):
     md = (out / "results.md").read_text()
     assert "| arm | EM | F1 |" in md and "rag-end2end" in md and "Command: `python" in md
     assert not (tmp_path / "work" / "rag-original" / "final").exists()  # exports removed by default
+    # the joint arm: end2end + the weighted retrieval loss; EM/F1 on the first 4 questions, recall on all
+    assert "retrieval_loss_weight: 1.0" in (out / "rag-end2end-joint.config.yaml").read_text()
+    assert all(r["n_generated"] == min(4, r["n"]) for r in saved["arms"].values())
+    # paired bootstrap of every comparison, from the per-question scores each arm wrote
+    per_q = json.loads((out / "rag-end2end.per_question.json").read_text())
+    assert len(per_q["recall@5"]) == saved["arms"]["rag-end2end"]["n"] and len(per_q["em"]) == 4
+    comps = {(c["a"], c["b"], c["metric"]): c for c in saved["comparisons"]}
+    for a, b in quality.COMPARISONS:
+        for metric in ("recall@5", "em", "f1"):
+            c = comps[(a, b, metric)]
+            assert c["low"] <= c["diff"] <= c["high"] and c["resamples"] >= 1000
+            assert c["diff"] == pytest.approx(c["mean_a"] - c["mean_b"])
+            assert c["n"] == (4 if metric in ("em", "f1") else saved["arms"][a]["n"])
+    assert "## Paired bootstrap" in md and isinstance(saved["goals"], list)
+
+
+def test_quality_goal_verdicts():
+    def comp(a, b, metric, diff, low):
+        return {"a": a, "b": b, "metric": metric, "mean_a": 50 + diff, "mean_b": 50.0, "diff": diff, "low": low,
+                "high": diff + 3, "n": 177}
+
+    res = {"dataset": "covid", "comparisons": [
+        comp("rag-end2end", "rag-original", "recall@5", 6.0, 1.0),      # +6, CI above 0: met
+        comp("rag-end2end-joint", "rag-original", "recall@5", 6.0, -0.5),  # CI reaches 0: not met
+        comp("rag-end2end", "rag-original", "f1", -1.0, -4.0),
+        comp("rag-end2end", "bm25", "recall@5", 0.0, -3.0)]}
+    status = {g["goal"]: g["status"] for g in quality.goals(res)}
+    assert status["COVID-QA: rag-end2end recall@5 >= rag-original + 5 with the CI above 0"] == "met"
+    assert status["COVID-QA: rag-end2end-joint recall@5 >= rag-original + 5 with the CI above 0"] == "not met"
+    assert status["COVID-QA: rag-end2end F1 >= rag-original F1"] == "not met"
+    assert status["stretch, COVID-QA: trained rag-end2end recall@5 >= BM25 recall@5"] == "met"
+    assert status["stretch, COVID-QA: trained rag-end2end-joint recall@5 >= BM25 recall@5"] == "not measured"
+    squad = quality.goals({"dataset": "squad", "comparisons": [comp("rag-end2end", "rag-original", "em", 0.5, -2)]})
+    assert [g["status"] for g in squad] == ["not measured", "met"]
 
 
 def test_quality_arm_selection_and_bad_arm():

@@ -265,3 +265,22 @@ def test_length_buckets_equal_one_call_and_make_a_fixed_number_of_calls(base_tok
     assert len(g1) == len(gb)
     for a, b in zip(gb, g1):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ title-less passages
+def test_untitled_passages_are_text_alone_not_an_empty_pair(base_tok, enc_tok):
+    col, gtok = _collator(base_tok, enc_tok, "llama")
+    titles, texts = ["Paris", "", "Nile", ""], [p[1] for p in PASSAGES[0]] + ["The sky is blue."]
+    ids = col.passage_ids(titles, texts)
+    for t, x, row in zip(titles, texts, ids):  # mixed batch: each row as if tokenized alone
+        alone = enc_tok(t, x).input_ids if t else enc_tok(x).input_ids
+        assert row == alone
+    assert ids[1] != enc_tok("", texts[1]).input_ids  # not "[CLS] [SEP] text [SEP]"
+    rows = col._prompt_rows(["Q?"], [[("", "Some text.")]])
+    titled = col._prompt_rows(["Q?"], [[("T", "Some text.")]])
+    text = gtok.decode(rows[0])  # the tiny tokenizer lower-cases and splits punctuation
+    assert "context : some text." in text and ". some" not in text  # no ". " left by a missing title
+    assert "context : t. some text." in gtok.decode(titled[0])
+    seq, stok = _collator(base_tok, enc_tok, "bart")
+    text = stok.decode(seq._prompt_rows(["Q?"], [[("", "Some text.")]])[0])
+    assert "context : some text." in text and ". some" not in text

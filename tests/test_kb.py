@@ -351,3 +351,40 @@ def test_only_bad_rows_is_an_error_even_when_skipping(tmp_path: Path) -> None:
 def test_invalid_passage_words(tmp_path: Path, docs: list[dict[str, str]]) -> None:
     with pytest.raises(DataError, match="passage_words"):
         build_kb(write_jsonl(tmp_path / "kb.jsonl", docs), passage_words=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# titles are optional (COVID-QA and many SQuAD-format files have none)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "jsonl-null"])
+def test_title_less_rows_get_an_empty_title(tmp_path: Path, fmt: str) -> None:
+    texts = [words(7, "a"), words(3, "b")]
+    if fmt in ("csv", "tsv"):
+        path = write_csv(tmp_path / f"kb.{fmt}", [{"text": t} for t in texts], "," if fmt == "csv" else "\t")
+    else:
+        rows = [{"text": t} if fmt == "jsonl" else {"title": None, "text": t} for t in texts]
+        path = write_jsonl(tmp_path / "kb.jsonl", rows)
+    ds = build_kb(path, passage_words=5)
+    assert ds["title"] == ["", "", ""]
+    first = texts[0].split()
+    assert ds["text"] == [" ".join(first[:5]), " ".join(first[5:]), texts[1]]
+    assert ds["doc_id"] == ["kb:0", "kb:0", "kb:1"]
+
+
+def test_title_less_squad_articles_are_named_by_index(tmp_path: Path) -> None:
+    data = squad([("", [words(4, "a")]), ("Named", [words(3, "b")]), ("", [words(6, "c"), words(2, "d")])])
+    del data["data"][0]["title"]  # absent, and empty: both are "no title"
+    path = tmp_path / "covid.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(data).encode()))
+    ds = build_kb(path, passage_words=5)
+    assert ds["title"] == ["", "Named", "", "", ""]
+    assert ds["doc_id"] == ["#1:0", "Named:0", "#3:0", "#3:0", "#3:1"]
+
+
+def test_non_string_title_is_still_a_bad_row(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "kb.jsonl", [{"title": 7, "text": "words here"}])
+    with pytest.raises(DataError) as exc:
+        build_kb(path)
+    assert_one_line_error(exc, "kb.jsonl", "row 1", "'title' must be a string")

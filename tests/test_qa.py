@@ -357,3 +357,27 @@ def test_sample_gold_passages_contain_an_answer(passage_words: int) -> None:
     assert len(kb) > len({d for d in kb["doc_id"]})  # some documents really were split
     splits = split_by_article(qa)
     assert all(splits.values())
+
+
+def test_title_less_squad_questions_split_by_article_index(tmp_path: Path) -> None:
+    """COVID-QA has no article titles: the article index names the article (KB doc ids, gold passages, splits)."""
+    articles = []
+    for a in range(6):
+        context = filler(8, f"x{a}") + f" Answer{a} is here " + filler(8, f"y{a}")
+        qas = [{"id": f"q{a}-{j}", "question": f"Where is answer {a}?",
+                "answers": [{"text": f"Answer{a}", "answer_start": context.index(f"Answer{a}")}]} for j in range(3)]
+        articles.append({"paragraphs": [{"context": context, "qas": qas}]})  # no "title" at all
+    path = tmp_path / "covid.json"
+    path.write_text(json.dumps({"data": articles}))
+    kb = build_kb(path, passage_words=10)
+    qa = load_qa(path, kb=kb, passage_words=10)
+    assert len(qa) == 18 and {q["article"] for q in qa} == {f"#{a}" for a in range(1, 7)}
+    for q in qa:
+        gold = kb[q["gold_passage_id"]]
+        assert gold["title"] == "" and gold["doc_id"] == f"{q['article']}:0" and q["answers"][0] in gold["text"]
+    splits = split_by_article(qa, fractions=(0.5, 0.25, 0.25), seed=0)
+    arts = {s: {q["article"] for q in rows} for s, rows in splits.items()}
+    assert all(arts[s] for s in arts)
+    assert not (arts["train"] & arts["test"]) and not (arts["train"] & arts["validation"])
+    train_gold = {q["gold_passage_id"] for q in splits["train"]}
+    assert not train_gold & {q["gold_passage_id"] for q in splits["test"]}

@@ -236,3 +236,43 @@ def test_lora_on_generator_and_encoders(tiny_cfg, tmp_path):
 
     merged = AutoModelForCausalLM.from_pretrained(out / "generator")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_evaluation_generates_for_the_first_n_and_retrieves_for_all(tiny_cfg, monkeypatch):
+    tr = Trainer(tiny_cfg(**{"eval.max_generate": 3, "eval.max_generate_in_training": 0, "eval.decode_docs": 2,
+                             "eval.batch_size": 2, "data.max_eval_examples": 0}))
+    examples = tr.splits["test"]
+    assert len(examples) > 3
+    rows_per_call = []
+    inner = tr.unwrapped.generator.generate
+
+    def counting(ids, *a, **kw):
+        rows_per_call.append(ids.shape[0])
+        return inner(ids, *a, **kw)
+
+    monkeypatch.setattr(tr.unwrapped.generator, "generate", counting)
+    full, full_records = tr.evaluate(examples, -1)
+    n_calls_all = len(rows_per_call)
+    rows_per_call.clear()
+    final = tr.evaluate_and_log("test", final=True)
+    # 3 questions generated, in 2 batches of <= 2 questions x decode_docs=2 candidates
+    assert rows_per_call == [4, 2] and n_calls_all == -(-len(examples) // 2)
+    assert final["n"] == len(examples) and final["n_generated"] == 3
+    records = [json.loads(x) for x in (tr.out / "predictions_test.jsonl").read_text().splitlines()]
+    assert [r["prediction"] is not None for r in records] == [True] * 3 + [False] * (len(examples) - 3)
+    # retrieval metrics cover every question and do not depend on how many were generated
+    for k in ("recall@1", "recall@5", "mrr"):
+        assert final[k] == pytest.approx(full[k])
+    assert [r["hits"] for r in records] == [r["hits"] for r in full_records]
+    rows_per_call.clear()
+    val = tr.evaluate_and_log("validation")  # in-training evaluations: retrieval only here
+    assert rows_per_call == [] and val["n_generated"] == 0 and "em" not in val and "recall@5" in val
+
+
+def test_eval_keys_are_validated(tiny_cfg):
+    from ragtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.decode_docs"):
+        tiny_cfg(**{"eval.decode_docs": 4})  # rag.n_docs is 3
+    with pytest.raises(ConfigError, match="eval.max_generate"):
+        tiny_cfg(**{"eval.max_generate": -2})
