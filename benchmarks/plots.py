@@ -29,6 +29,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_commit() -> str | None:
+    """The project's commit (with ``+dirty`` when tracked files differ from it), for reproducing a result."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def machine_info() -> dict:
     """CPU model, cores, memory, torch/transformers/faiss versions, GPU if any, load average at the time."""
     import torch
@@ -51,6 +66,13 @@ def machine_info() -> dict:
             info[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - a missing optional package is just not reported
             pass
+    probes = {"amx": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    for name, fn in probes.items():  # CPU features that decide whether bf16 pays off
+        try:
+            info[f"cpu_{name}"] = bool(getattr(torch.cpu, fn)())
+        except Exception:  # noqa: BLE001 - private torch helpers; absent on some builds
+            info[f"cpu_{name}"] = None
+    info["git_commit"] = git_commit()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
@@ -68,7 +90,9 @@ def machine_markdown(info: dict) -> str:
     return (f"{info.get('cpu_model')}, {info.get('logical_cores')} logical cores "
             f"(torch threads {info.get('torch_threads')}), {info.get('memory_gib', '?')} GiB RAM, GPU: {gpu}; "
             f"Python {info.get('python')}, torch {info.get('torch')}, transformers {info.get('transformers', '?')}, "
-            f"faiss {info.get('faiss', '?')}; 1-min load average at start {info.get('load_average_1m_at_start', '?')}")
+            f"faiss {info.get('faiss', '?')}; AMX {info.get('cpu_amx', '?')}, AVX512-BF16 {info.get('cpu_avx512_bf16', '?')}; "
+            f"1-min load average at start {info.get('load_average_1m_at_start', '?')}; "
+            f"commit {info.get('git_commit', '?')}")
 
 
 def command_line() -> str:

@@ -206,3 +206,21 @@ def test_zero_memory_toy(tmp_path):
     assert rep["arms"][0]["memory_ratio_vs_zero0"] == 1.0
     assert set(rep["goal_zero3_ratio_le_0.55"]) == {"bf16"}
     assert (tmp_path / "zero_memory.md").read_text().count("| bf16 |") == 3
+
+
+def test_precision_toy(tmp_path):
+    from benchmarks import precision
+
+    res = precision.main(["--scale", "toy", "--steps", "3", "--out", str(tmp_path / "p"),
+                          "--work-dir", str(tmp_path / "w")])
+    assert set(res["arms"]) == {"fp32", "bf16"}
+    for arm in res["arms"].values():
+        assert len(arm["losses"]) == 3 and len(arm["step_seconds"]) == 3 and arm["median_step_seconds"] > 0
+    assert res["arms"]["fp32"]["mixed_precision_applied"] == "no"
+    assert res["arms"]["bf16"]["mixed_precision_applied"] == "bf16"
+    c = res["comparison"]
+    assert c["fp32_over_bf16_step_time"] > 0 and c["loss_diff_bf16_minus_fp32"]["n"] == 3
+    assert (tmp_path / "p" / "results.md").read_text().count("within noise") == 1
+    assert (tmp_path / "p" / "loss.png").stat().st_size > 0
+    cfgs = {a: (tmp_path / "w" / p / "config.yaml").read_text() for a, p in (("fp32", "no"), ("bf16", "bf16"))}
+    assert "mixed_precision: bf16" in cfgs["bf16"] and "mixed_precision: 'no'" in cfgs["fp32"].replace('"', "'")

@@ -276,3 +276,25 @@ def test_eval_keys_are_validated(tiny_cfg):
         tiny_cfg(**{"eval.decode_docs": 4})  # rag.n_docs is 3
     with pytest.raises(ConfigError, match="eval.max_generate"):
         tiny_cfg(**{"eval.max_generate": -2})
+
+
+def test_auto_precision_is_bf16_only_on_amx_cpus_and_bf16_gpus(monkeypatch):
+    from ragtrain.train import trainer as T
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert T.resolve_mixed_precision("auto") == "bf16"
+    assert T.resolve_mixed_precision("no") == "no" and T.resolve_mixed_precision("fp16") == "fp16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert T.resolve_mixed_precision("auto") == "no"
+
+    def broken():
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert T.resolve_mixed_precision("auto") == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert T.resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert T.resolve_mixed_precision("auto") == "no"
