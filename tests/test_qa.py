@@ -381,3 +381,31 @@ def test_title_less_squad_questions_split_by_article_index(tmp_path: Path) -> No
     assert not (arts["train"] & arts["test"]) and not (arts["train"] & arts["validation"])
     train_gold = {q["gold_passage_id"] for q in splits["train"]}
     assert not train_gold & {q["gold_passage_id"] for q in splits["test"]}
+
+
+def test_split_without_articles_groups_by_gold_passage() -> None:
+    """40 questions without articles whose gold passages are i % 5: each passage's questions stay together."""
+    examples = [{"id": f"q{i}", "question": "q", "answers": ["a"], "article": None, "gold_passage_id": i % 5}
+                for i in range(40)]
+    for seed in range(5):
+        splits = split_by_article(examples, seed=seed)
+        golds = {s: {ex["gold_passage_id"] for ex in part} for s, part in splits.items()}
+        assert not golds["train"] & golds["test"] and not golds["train"] & golds["validation"]
+        assert not golds["validation"] & golds["test"]
+        assert all(splits.values()) and sum(map(len, splits.values())) == 40
+
+
+def test_split_joins_articles_that_share_a_gold_passage() -> None:
+    """A question naming another article's gold passage (or none) ties the two groups together."""
+    examples = make_examples(12, loose=0)
+    for i, ex in enumerate(examples):
+        ex["gold_passage_id"] = 100 + i // 3  # one passage per article
+    examples.append({"id": "bridge", "question": "q", "answers": ["a"], "article": "art0", "gold_passage_id": 105})
+    examples.append({"id": "orphan", "question": "q", "answers": ["a"], "article": None, "gold_passage_id": 107})
+    for seed in range(6):
+        splits = split_by_article(examples, seed=seed)
+        owner = {ex["id"]: s for s, part in splits.items() for ex in part}
+        assert owner["bridge"] == owner["0-0"] == owner["5-0"]  # art0 and art5 are one group
+        assert owner["orphan"] == owner["7-0"]
+        golds = {s: {ex["gold_passage_id"] for ex in part} for s, part in splits.items()}
+        assert not golds["train"] & golds["test"]

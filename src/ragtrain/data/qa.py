@@ -442,20 +442,48 @@ def split_by_article(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Split examples into ``train``/``validation``/``test`` so no article is in two splits.
+    """Split examples into ``train``/``validation``/``test`` so that no article and no gold passage is in two
+    splits: a test question's gold passage is never the positive of a training question.
 
-    Examples are grouped by ``article`` (an example without one is its own group); the groups are
-    sorted, shuffled with ``random.Random(seed)`` and dealt out by group count in proportion to
-    ``fractions``. With at least 3 groups every split with a positive fraction gets one or more.
-    Within a split, examples keep their input order. Deterministic for the same input and seed.
+    Examples are grouped by the connected components of "same ``article``" and "same gold passage"
+    (``gold_passage_id`` >= 0): without articles, questions are grouped by their gold passage; an example with
+    neither is its own group. The groups are sorted, shuffled with ``random.Random(seed)`` and dealt out by
+    group count in proportion to ``fractions``. With at least 3 groups every split with a positive fraction
+    gets one or more. Within a split, examples keep their input order. Deterministic for the same input and seed.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
         raise ValueError(f"fractions must be 3 non-negative numbers with a positive sum, got {tuple(fractions)}")
     total = float(sum(fractions))
     fr = [f / total for f in fractions]
 
-    def key(ex: dict[str, Any]) -> tuple[int, str]:
-        return (0, str(ex["article"])) if ex.get("article") else (1, str(ex["id"]))
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:  # the smaller name becomes the root: component names do not depend on input order
+            parent[max(ra, rb)] = min(ra, rb)
+
+    def nodes(ex: dict[str, Any]) -> list[str]:
+        out = [f"a:{ex['article']}"] if ex.get("article") else []
+        gold = ex.get("gold_passage_id")
+        if gold is not None and int(gold) >= 0:
+            out.append(f"g:{int(gold)}")
+        return out or [f"i:{ex['id']}"]
+
+    for ex in examples:
+        ns = nodes(ex)
+        for n_ in ns[1:]:
+            union(ns[0], n_)
+
+    def key(ex: dict[str, Any]) -> str:
+        return find(nodes(ex)[0])
 
     groups = sorted({key(ex) for ex in examples})
     random.Random(seed).shuffle(groups)
@@ -472,7 +500,7 @@ def split_by_article(
                 donor = max(range(3), key=lambda k: (counts[k], -k))
                 counts[donor] -= 1
                 counts[j] += 1
-    assignment: dict[tuple[int, str], str] = {}
+    assignment: dict[str, str] = {}
     pos = 0
     for split, c in zip(SPLITS, counts, strict=True):
         for g in groups[pos : pos + c]:
