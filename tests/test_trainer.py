@@ -298,3 +298,39 @@ def test_auto_precision_is_bf16_only_on_amx_cpus_and_bf16_gpus(monkeypatch):
     assert T.resolve_mixed_precision("auto") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert T.resolve_mixed_precision("auto") == "no"
+
+
+def test_faiss_padding_is_masked_not_read_as_passage_0(tiny_cfg):
+    """IVF with nprobe=1 and k larger than a probed list: FAISS pads with -1. Those slots get p(z|x) = 0, are never
+    hits, and no passage enters the marginal twice."""
+    # 80 passages -> nlist clipped to 2 (FAISS wants 39 points a centroid): lists of ~40 < k = 60
+    tr = Trainer(tiny_cfg(**{"index.kind": "ivf", "index.nlist": 2, "index.nprobe": 1, "rag.n_docs": 60,
+                             "rag.mode": "end2end", "rag.retrieval_loss_weight": 0.5, "train.batch_size": 4,
+                             "eval.recall_ks": "1,60", "eval.batch_size": 4}))
+    batch = next(iter(tr.train_loader))
+    q = tr.unwrapped.encode_questions(batch["q_input_ids"], batch["q_attention_mask"])
+    res = tr.search(q.detach(), batch["questions"], 60)
+    ids = res["ids"]
+    assert (ids < 0).any(), "the test needs padded slots (probed lists shorter than k)"
+    for row in ids.tolist():
+        real = [i for i in row if i >= 0]
+        assert len(real) == len(set(real))  # padding is not turned into repeated passages
+    assert torch.isinf(res["scores"][ids < 0]).all()
+    out = tr.model(batch["q_input_ids"], batch["q_attention_mask"], retrieve=tr._make_retrieve(batch))
+    pad = out.doc_ids < 0
+    assert pad.any() and torch.isinf(out.doc_scores[pad]).all() and torch.isfinite(out.doc_scores[~pad]).all()
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in tr.unwrapped.context_encoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    # evaluation: a padding slot is never a hit, even where passage 0's text holds the answer
+    metrics, records = tr.evaluate(tr.splits["test"], 0)
+    assert any(i < 0 for r in records for i in r["retrieved_ids"])
+    for r in records:
+        assert not any(h for h, i in zip(r["hits"], r["retrieved_ids"]) if i < 0)
+    # answer-string hits (no gold id): the padding slot's filler text holds the answer, yet it is no hit
+    from ragtrain.eval.evaluate import _record
+
+    ex = {"id": "x", "question": "q", "answers": ["blue lagoon"], "gold_passage_id": -1}
+    rec = _record(ex, None, np.array([-1, 7]), [("", "the Blue Lagoon"), ("", "the Blue Lagoon too")])
+    assert rec["hits"] == [False, True]

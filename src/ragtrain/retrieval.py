@@ -58,8 +58,8 @@ class HybridRetriever:
         depth = min(max(self.depth, k), self.bm25.n)
         _, d_ids = self.dense.search(query_vectors, questions, depth)
         _, b_ids = self.bm25.search(query_vectors, questions, depth)
-        out_ids = np.zeros((len(d_ids), k), dtype=np.int64)
-        out_scores = np.zeros((len(d_ids), k), dtype=np.float32)
+        out_ids = np.full((len(d_ids), k), -1, dtype=np.int64)  # -1 / -inf: padding, as FAISS pads
+        out_scores = np.full((len(d_ids), k), -np.inf, dtype=np.float32)
         for row, (dr, br) in enumerate(zip(d_ids, b_ids)):
             fused: dict[int, float] = {}
             for ranking in (dr, br):
@@ -67,6 +67,6 @@ class HybridRetriever:
                     if pid >= 0:
                         fused[int(pid)] = fused.get(int(pid), 0.0) + 1.0 / (self.rrf_k + rank + 1)
             best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
-            out_ids[row] = [p for p, _ in best]
-            out_scores[row] = [s for _, s in best]
+            out_ids[row, : len(best)] = [p for p, _ in best]
+            out_scores[row, : len(best)] = [s for _, s in best]
         return out_scores, out_ids

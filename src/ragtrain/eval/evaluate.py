@@ -71,7 +71,9 @@ def predict(rag: RagModel, collator: RagCollator, search: Search, kb, examples: 
         cand_in = {k: v.to(device) for k, v in cand_in.items()}
         tok_lp = rag.generator.target_logprobs(cand_in)
         seq_lp = (tok_lp * cand_in["target_mask"].to(tok_lp.dtype)).sum(-1).view(len(batch), n_docs)
-        doc_lp = torch.log_softmax(torch.as_tensor(np.asarray(scores)[:, :n_docs], dtype=torch.float32), -1)
+        top_scores = torch.as_tensor(np.asarray(scores)[:, :n_docs], dtype=torch.float32)
+        top_scores = top_scores.masked_fill(torch.as_tensor(ids[:, :n_docs] < 0), float("-inf"))  # padding
+        doc_lp = torch.log_softmax(top_scores, -1)
         best = (seq_lp.cpu() + doc_lp).argmax(-1)
         if not real:
             continue
@@ -82,6 +84,7 @@ def predict(rag: RagModel, collator: RagCollator, search: Search, kb, examples: 
 
 def _record(ex: dict, prediction: str | None, ids: np.ndarray, passages: list) -> dict:
     hits = retrieval_hits(ids.tolist(), [t for _, t in passages], ex.get("gold_passage_id", -1), ex["answers"])
+    hits = [bool(h) and int(i) >= 0 for h, i in zip(hits, ids.tolist())]  # a padding slot (-1) is never a hit
     return {"id": ex["id"], "question": ex["question"], "answers": ex["answers"], "prediction": prediction,
             "retrieved_ids": ids.tolist(), "hits": hits}
 

@@ -38,7 +38,8 @@ TRAINABLE = {
 }
 
 # retrieve(question_embeddings (B, d) detached, live_context, with_gold) -> dict of tensors:
-#   doc_ids (B, K); doc_embeddings (B, K, d) when not live_context; ctx_input_ids / ctx_attention_mask (B*K, L)
+#   doc_ids (B, K) (-1 on retriever padding), optional doc_mask (B, K) bool (False: padding, p(z|x) = 0);
+#   doc_embeddings (B, K, d) when not live_context; ctx_input_ids / ctx_attention_mask (B*K, L)
 #   when live_context, or (U, L) for U unique passages plus ctx_index (B*K,) = the row of each retrieved slot
 #   (a passage retrieved for several questions is encoded once; the gradients of its slots add up);
 #   gen_input_ids / gen_attention_mask (B*K, L), target_ids / target_mask (B, T);
@@ -117,6 +118,8 @@ class RagModel(nn.Module):
         else:
             c = docs["doc_embeddings"].to(device=q.device, dtype=q.dtype)
         doc_scores = torch.einsum("bd,bkd->bk", q.float(), c.float()) / self.retrieval_temperature
+        if "doc_mask" in docs:  # retriever padding (FAISS id -1): p(z|x) = 0
+            doc_scores = doc_scores.masked_fill(~docs["doc_mask"].to(doc_scores.device), float("-inf"))
 
         with self._grad_ctx("generator"):
             token_logprobs = self.generator.target_logprobs(docs).view(b, k, -1)

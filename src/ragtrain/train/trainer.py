@@ -288,7 +288,10 @@ class Trainer:
 
         def on_rank0(g: dict) -> dict:
             scores, ids = self.retriever.search(g["q"].numpy(), all_questions, k)
-            ids = np.where(ids < 0, 0, ids)
+            # FAISS pads with id -1 when fewer than k vectors are probed (IVF/HNSW): kept as -1, so callers mask
+            # those slots (p(z|x) = 0, never a hit, never a negative) instead of reading them as passage 0
+            ids = np.asarray(ids, dtype=np.int64)
+            scores = np.where(ids < 0, -np.inf, scores)
             out = {"scores": torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)),
                    "ids": torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))}
             if with_embeddings:
@@ -300,12 +303,12 @@ class Trainer:
         return D.rank0_compute(on_rank0, inputs)
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
-        flat = ids.reshape(-1)
+        flat = ids.reshape(-1).clip(min=0)  # padding slots (-1) read row 0; they are masked downstream
         return np.asarray(self.embeddings[flat], dtype=np.float32).reshape(*ids.shape, -1)
 
     def _passages(self, ids: torch.Tensor) -> list[list[tuple[str, str]]]:
         b, k = ids.shape
-        rows = self.kb[ids.reshape(-1).tolist()]  # column-wise take: several times faster than .select
+        rows = self.kb[ids.reshape(-1).clamp(min=0).tolist()]  # padding slots (-1): any text, masked in the loss  # column-wise take: several times faster than .select
         titles, texts = rows["title"], rows["text"]
         return [[(titles[i * k + j], texts[i * k + j]) for j in range(k)] for i in range(b)]
 
@@ -330,9 +333,10 @@ class Trainer:
             passages = self._passages(res["ids"])
             out = self.collator.generator_inputs(batch["questions"], passages, batch["answers"])
             out["doc_ids"] = res["ids"]
+            out["doc_mask"] = res["ids"] >= 0  # False on FAISS padding slots
             if live_context:
                 # a passage retrieved for several questions of the batch is encoded once (ctx_index maps back)
-                flat = res["ids"].reshape(-1)
+                flat = res["ids"].reshape(-1).clamp(min=0)
                 uniq, out["ctx_index"] = torch.unique(flat, return_inverse=True)
                 ctx = self._passage_inputs(uniq.tolist())
                 out["ctx_input_ids"], out["ctx_attention_mask"] = ctx["input_ids"], ctx["attention_mask"]
