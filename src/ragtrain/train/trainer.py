@@ -70,6 +70,64 @@ def resolve_mixed_precision(mp: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "no"
 
 
+def deepspeed_config_from_launcher(cfg: Config) -> dict:
+    """The DeepSpeed config that ``accelerate launch --use_deepspeed`` flags ask for when no JSON file is given.
+
+    accelerate passes ``--zero_stage``, ``--offload_optimizer_device``, ``--offload_param_device``,
+    ``--zero3_save_16bit_model``, ``--gradient_accumulation_steps`` and ``--gradient_clipping`` as
+    ``ACCELERATE_*`` environment variables. The stage and offload choices are honoured (with the same explicit
+    bucket sizes as ``ds_configs/zero*.json``: the three-model wrapper has no ``hidden_size`` for "auto"); the
+    recipe stays the single source of accumulation and clipping, so a launcher value that contradicts it stops
+    the run with a message naming both, instead of one silently winning."""
+    env = os.environ
+    tc = cfg.train
+    for var, key, ours in (("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "train.gradient_accumulation_steps",
+                            tc.gradient_accumulation_steps),
+                           ("ACCELERATE_GRADIENT_CLIPPING", "train.max_grad_norm", tc.max_grad_norm)):
+        raw = env.get(var, "").strip()
+        if raw and raw.lower() not in ("auto", "none"):
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"{var}={raw!r} (from accelerate launch): not a number") from None
+            if value != float(ours):
+                raise ConfigError(f"{key}: the recipe says {ours} but accelerate launch passed {raw} ({var}); "
+                                  f"set {key}={raw} in the recipe or drop the launcher flag")
+    raw_stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip() or "2"
+    if raw_stage not in ("0", "1", "2", "3"):
+        raise ConfigError(f"ACCELERATE_DEEPSPEED_ZERO_STAGE={raw_stage!r} (accelerate launch --zero_stage): "
+                          "expected 0, 1, 2 or 3")
+    stage = int(raw_stage)
+    zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                  "reduce_bucket_size": 50_000_000}
+    if stage in (1, 2):
+        zero.update({"allgather_partitions": True, "allgather_bucket_size": 50_000_000, "reduce_scatter": True})
+    if stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": 45_000_000, "stage3_param_persistence_threshold": 100_000,
+                     "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000,
+                     "sub_group_size": 1_000_000_000,
+                     "stage3_gather_16bit_weights_on_model_save":
+                         env.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true").lower() == "true"})
+    for what, var in (("optimizer", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"),
+                      ("param", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")):
+        device = env.get(var, "none").strip().lower() or "none"
+        if device not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"{var}={device!r} (accelerate launch --offload_{what}_device): expected none, cpu or nvme")
+        if device != "none":
+            if what == "param" and stage != 3:
+                raise ConfigError(f"accelerate launch --offload_param_device {device} needs --zero_stage 3 "
+                                  f"(got {stage})")
+            entry = {"device": device, "pin_memory": True}
+            nvme = env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what.upper()}_NVME_PATH", "none")
+            if device == "nvme":
+                entry["nvme_path"] = nvme
+            zero[f"offload_{what}"] = entry
+    return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "zero_optimization": zero, "steps_per_print": 100, "wall_clock_breakdown": False}
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """Accelerator for this host: bf16 where supported, gloo process groups on hosts without CUDA (the only
     way DeepSpeed runs on CPU ranks), DeepSpeed when a ds config is given or the launcher asks for it."""
@@ -84,8 +142,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
     ds_config = tc.deepspeed_config
     if not ds_config and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         # `accelerate launch --config_file launch/accelerate/zero*.yaml`: build the plugin ourselves so the
-        # recipe's accumulation and clipping fill the JSON's "auto" values (accelerate would use 1.0)
-        ds_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        # recipe's accumulation and clipping fill the JSON's "auto" values (accelerate would use 1.0);
+        # `accelerate launch --use_deepspeed --zero_stage N ...` (no JSON): a config from its flags
+        ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
+        ds_config = ds_file if ds_file.lower() not in ("", "none") else deepspeed_config_from_launcher(cfg)
     if ds_config:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config,
                                                      gradient_accumulation_steps=tc.gradient_accumulation_steps,
