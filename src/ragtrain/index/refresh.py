@@ -173,6 +173,7 @@ class IndexStore:
         self.root = Path(root)
         self.keep = int(keep)
         self.stale_tmp_s = float(stale_tmp_s)
+        self.pinned: set[int] = set()  # versions never pruned (e.g. those a checkpoint references)
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ inspection
@@ -289,7 +290,7 @@ class IndexStore:
 
     def _prune(self, current: int) -> None:
         versions = self.versions()
-        keep = set(versions[-self.keep :]) | {current}
+        keep = set(versions[-self.keep :]) | {current} | self.pinned
         for v in versions:
             if v not in keep:
                 shutil.rmtree(self.version_dir(v), ignore_errors=True)
@@ -307,6 +308,26 @@ class IndexStore:
                         shutil.rmtree(p, ignore_errors=True)
                     else:
                         p.unlink(missing_ok=True)
+
+    def roll_back(self, version: int) -> None:
+        """Make ``version`` current again and delete every later version (resuming from a checkpoint that used
+        ``version``: later versions were built after it and are rebuilt, with the same numbers, by the resumed
+        run). Raises ``FileNotFoundError`` when ``version`` is not on disk."""
+        if not (self.version_dir(version) / VERSION_FILE).is_file():
+            raise FileNotFoundError(f"index version {version} ({self.version_dir(version)}) is missing")
+        self._write_current(version)
+        for v in self.versions():
+            if v > version:
+                shutil.rmtree(self.version_dir(v), ignore_errors=True)
+                logger.info("IndexStore: removed %s (built after the resumed checkpoint)", _version_name(v))
+
+    def load_version(self, version: int, use_gpu: bool = False,
+                     mmap_embeddings: bool = True) -> tuple[DenseIndex, np.ndarray, dict[str, Any]]:
+        """Load one version: ``(index, embeddings, version_info)``."""
+        d = self.version_dir(version)
+        info = json.loads((d / VERSION_FILE).read_text())
+        embeddings = np.load(d / EMBEDDINGS_FILE, mmap_mode="r" if mmap_embeddings else None)
+        return DenseIndex.load(d, use_gpu=use_gpu), embeddings, info
 
     # ------------------------------------------------------------------ loading
     def load_current(

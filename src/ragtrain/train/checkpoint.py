@@ -65,3 +65,40 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
 
 def read_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def referenced_index_versions(root: Path) -> set[int]:
+    """Index versions named by the complete checkpoints under ``root`` (kept from pruning while referenced)."""
+    out = set()
+    for p in root.glob("step_*") if root.is_dir() else []:
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file():
+            try:
+                v = json.loads((p / "trainer_state.json").read_text()).get("index_version")
+            except (OSError, ValueError):
+                continue
+            if isinstance(v, int):
+                out.add(v)
+    return out
+
+
+def trim_jsonl(path: Path, max_step: int) -> int:
+    """Drop the rows of a JSON-lines log whose ``step`` is beyond ``max_step`` (a resumed run rewrites them);
+    atomic. Returns the number of rows dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line).get("step", 0)
+        except ValueError:  # a torn last line from a kill mid-write
+            dropped += 1
+            continue
+        if isinstance(step, (int, float)) and step > max_step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        write_text_atomic(path, "".join(x + "\n" for x in keep))
+    return dropped

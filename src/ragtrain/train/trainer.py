@@ -216,6 +216,7 @@ class Trainer:
         self.is_zero3 = bool(acc.state.deepspeed_plugin and acc.state.deepspeed_plugin.zero_stage == 3)
         self._write_rank_info()
         self.store = IndexStore(self.out / "index", keep=cfg.index.keep_versions)
+        self.store.pinned = ckpt.referenced_index_versions(self.out / "checkpoints")  # resumable versions stay
         self.schedule = RefreshSchedule.parse(cfg.index.refresh_every)
         self.retriever = None  # rank 0 only
         self.embeddings = None  # rank 0 only, (N, d) stored passage vectors
@@ -492,7 +493,7 @@ class Trainer:
             loader = self.train_loader
             if self.batch_in_epoch:
                 loader = acc.skip_first_batches(self.train_loader, self.batch_in_epoch)
-            for batch in loader:
+            for batch in self._batches(loader):
                 with acc.accumulate(self.model):
                     out = self.model(batch["q_input_ids"], batch["q_attention_mask"],
                                      retrieve=self._make_retrieve(batch))
@@ -601,11 +602,14 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "index_version": self.index_version, "last_refresh_step": self.last_refresh_step,
-                "world_size": D.world(), "mode": self.cfg.rag.mode}
+                "world_size": D.world(), "mode": self.cfg.rag.mode,
+                # the running loss since the last evaluation (the next metrics row's "loss")
+                "loss_sum": self._loss_sum, "loss_n": self._loss_n}
 
     def save_checkpoint(self) -> Path:
         path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.trainer_state(),
                                     self.accelerator.save_state, is_main=self.is_main, barrier=D.barrier)
+        self.store.pinned = ckpt.referenced_index_versions(self.out / "checkpoints")
         log.info("checkpoint written: %s", path)
         return path
 
@@ -618,16 +622,44 @@ class Trainer:
         state = ckpt.read_state(path)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.last_refresh_step = state["last_refresh_step"]
+        self._loss_sum, self._loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
+        self._undo_next_fetch_rng = self.batch_in_epoch > 0
+        version = state["index_version"]
         if self.is_main:
-            version = self.store.current_version()
-            if version != state["index_version"]:
-                log.warning("index version %s on disk differs from the checkpoint's %s", version,
-                            state["index_version"])
-            index, emb, _ = self.store.load_current(use_gpu=self.cfg.index.use_gpu)
+            # the index the checkpoint's step used, not the newest on disk: versions built after the checkpoint
+            # are deleted and rebuilt (with the same numbers) by the resumed run
+            try:
+                self.store.roll_back(version)
+            except FileNotFoundError as e:
+                raise ConfigError(f"resume: {path} used {e}; cannot resume exactly without it") from None
+            index, emb, _ = self.store.load_version(version, use_gpu=self.cfg.index.use_gpu)
             self._install(index, emb)
-        self.index_version = D.broadcast_object(self.store.current_version() if self.is_main else None)
-        log.info("resumed from %s at step %d", path, self.step)
+            for name in ("train_log.jsonl", "metrics.jsonl"):  # rows after the checkpoint are rewritten
+                dropped = ckpt.trim_jsonl(self.out / name, self.step)
+                if dropped:
+                    log.info("resume: dropped %d row(s) after step %d from %s", dropped, self.step, name)
+        self.index_version = version
+        D.barrier()
+        log.info("resumed from %s at step %d (index version %d)", path, self.step, version)
         return True
+
+    def _batches(self, loader):
+        """``loader``'s batches. Right after a mid-epoch resume, fetching the first batch draws once from torch's
+        global RNG (the resumed iterator seeds its sampler) where the uninterrupted run drew at the epoch start,
+        before the checkpoint: that draw is undone so dropout masks continue exactly as if never stopped."""
+        it = iter(loader)
+        if getattr(self, "_undo_next_fetch_rng", False):
+            self._undo_next_fetch_rng = False
+            cpu = torch.random.get_rng_state()
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            first = next(it, None)
+            torch.random.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            if first is None:
+                return
+            yield first
+        yield from it
 
     def export(self) -> Path:
         """``OUTPUT_DIR/final/{question_encoder,context_encoder,generator}`` (+ the live index), atomically."""
