@@ -131,3 +131,53 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(straight, tmp_path, nam
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(out, straight)
+
+
+def test_nan_stops_the_run_before_anything_nan_is_written(tmp_path):
+    """Learning rates of 1e9: the loss or gradient norm goes non-finite within a few steps. The run stops with
+    one line naming the step (exit 3); no checkpoint, index version or export is written after it, and every log
+    row is valid JSON with finite numbers."""
+    out = tmp_path / "run"
+    lrs = {f"train.{m}_lr": 1e9 for m in ("generator", "question_encoder", "context_encoder")}
+    args = tiny_overrides(out, **{**COMMON, **lrs, "train.max_grad_norm": 0.0, "train.max_steps": 12})
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "non-finite" in err[0] and "step " in err[0], proc.stderr[-2000:]
+    bad_step = int(err[0].split("step ")[1].split(":")[0])
+    assert not (out / "final").exists()
+    rows = _rows(out, "train_log.jsonl")  # json.loads rejects nothing here: check the numbers too
+    assert [r["step"] for r in rows] == list(range(1, bad_step)) and all(np.isfinite(r["loss"]) for r in rows)
+    for r in _rows(out, "metrics.jsonl") if (out / "metrics.jsonl").exists() else []:
+        assert all(np.isfinite(v) for v in r.values() if isinstance(v, float))
+    for v in (out / "index").glob("v*"):
+        assert np.isfinite(np.load(v / "embeddings.npy")).all()
+    ckpts = sorted((out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else []
+    assert all(int(p.name.split("_")[1]) < bad_step for p in ckpts)
+
+
+def test_skip_nonfinite_skips_the_step_and_continues(tmp_path, monkeypatch):
+    from ragtrain.config import load_config
+    from ragtrain.model.rag import RagModel
+    from ragtrain.train.trainer import NonFiniteError
+
+    original = RagModel.forward
+    calls = {"n": 0}
+
+    def nan_on_second_call(self, *a, **kw):
+        out = original(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(RagModel, "forward", nan_on_second_call)
+    cfg = {**COMMON, "train.max_steps": 4, "train.save_every": 0, "train.eval_every": 0, "index.refresh_every": 0}
+    with pytest.raises(NonFiniteError, match="step 2: non-finite loss"):
+        Trainer(load_config(None, tiny_overrides(tmp_path / "a", **cfg))).train()
+    calls["n"] = 0
+    Trainer(load_config(None, tiny_overrides(tmp_path / "b", **cfg, **{"train.skip_nonfinite": 1}))).train()
+    rows = _rows(tmp_path / "b", "train_log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and calls["n"] == 5  # 5 batches for 4 updates
+    assert all(np.isfinite(r["loss"]) for r in rows)

@@ -132,6 +132,7 @@ class TrainConfig:
     num_workers: int = 0
     deepspeed_config: str = ""  # path to a ds_configs/*.json (or set by the launcher)
     process_group_timeout_s: int = 1800
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient norm skipped (no update) before the run stops
 
 
 @dataclass
@@ -324,6 +325,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     positive("rag.retrieval_loss_weight", cfg.rag.retrieval_loss_weight, allow_zero=True)
     positive("rag.retrieval_temperature", cfg.rag.retrieval_temperature)
     positive("data.passage_words", cfg.data.passage_words)
+    positive("train.skip_nonfinite", cfg.train.skip_nonfinite, allow_zero=True)
     if cfg.eval.decode_docs < 0 or cfg.eval.decode_docs > cfg.rag.n_docs:
         raise ConfigError(f"eval.decode_docs: must be between 0 (= rag.n_docs) and rag.n_docs ({cfg.rag.n_docs}), "
                           f"got {cfg.eval.decode_docs}")

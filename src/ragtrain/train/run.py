@@ -31,6 +31,13 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from ragtrain.train.trainer import NonFiniteError
+
+        if not isinstance(e, NonFiniteError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if os.environ.get("RANK", "0") == "0":  # one summary line, from the main process
         print(json.dumps(result))
     return 0

@@ -47,6 +47,11 @@ from ragtrain.train import distributed as D
 log = logging.getLogger("ragtrain")
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient norm; raised before anything non-finite is saved, indexed or
+    exported."""
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU runs bf16 matrix multiplies natively fast: Intel AMX tiles (Sapphire Rapids and later).
 
@@ -488,38 +493,48 @@ class Trainer:
         pbar = tqdm(total=tc.max_steps, initial=self.step, desc="train", disable=not self.is_main)
         t_start = time.time()
         self.model.train()
-        while self.step < tc.max_steps:
-            self.train_loader.set_epoch(self.epoch)
-            loader = self.train_loader
-            if self.batch_in_epoch:
-                loader = acc.skip_first_batches(self.train_loader, self.batch_in_epoch)
-            for batch in self._batches(loader):
-                with acc.accumulate(self.model):
-                    out = self.model(batch["q_input_ids"], batch["q_attention_mask"],
-                                     retrieve=self._make_retrieve(batch))
-                    acc.backward(out.loss)
-                    if acc.sync_gradients and tc.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
-                    self.optimizer.step()
-                    if acc.sync_gradients:
-                        self.scheduler.step()
-                    self.optimizer.zero_grad()
-                self.batch_in_epoch += 1
-                step_loss = float(acc.reduce(out.loss.detach(), "mean"))
-                self._loss_sum += step_loss
-                self._loss_n += 1
-                self._step_losses.append(step_loss)
-                if not acc.sync_gradients:
-                    continue
-                self.step += 1
-                pbar.update(1)
-                self._after_step(out)
-                if self.step >= tc.max_steps:
-                    break
-            else:
-                self.epoch += 1
-                self.batch_in_epoch = 0
-        pbar.close()
+        try:
+            while self.step < tc.max_steps:
+                self.train_loader.set_epoch(self.epoch)
+                loader = self.train_loader
+                if self.batch_in_epoch:
+                    loader = acc.skip_first_batches(self.train_loader, self.batch_in_epoch)
+                for batch in self._batches(loader):
+                    with acc.accumulate(self.model):
+                        out = self.model(batch["q_input_ids"], batch["q_attention_mask"],
+                                         retrieve=self._make_retrieve(batch))
+                        if not self._finite(out.loss, "loss"):
+                            self.optimizer.zero_grad()
+                            self.batch_in_epoch += 1
+                            continue
+                        acc.backward(out.loss)
+                        if acc.sync_gradients and tc.max_grad_norm > 0:
+                            norm = acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+                            if norm is not None and not self._finite(torch.as_tensor(norm), "gradient norm"):
+                                self.optimizer.zero_grad()
+                                self.batch_in_epoch += 1
+                                continue
+                        self.optimizer.step()
+                        if acc.sync_gradients:
+                            self.scheduler.step()
+                        self.optimizer.zero_grad()
+                    self.batch_in_epoch += 1
+                    step_loss = float(acc.reduce(out.loss.detach(), "mean"))
+                    self._loss_sum += step_loss
+                    self._loss_n += 1
+                    self._step_losses.append(step_loss)
+                    if not acc.sync_gradients:
+                        continue
+                    self.step += 1
+                    pbar.update(1)
+                    self._after_step(out)
+                    if self.step >= tc.max_steps:
+                        break
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+        finally:
+            pbar.close()  # ends the bar's line, also when a step raises
         train_seconds = time.time() - t_start
         self._write_rank_info()  # now with optimizer state
         final = self.evaluate_and_log("test" if self.splits["test"] else "validation", final=True)
@@ -527,6 +542,23 @@ class Trainer:
         acc.end_training()
         final.update({"train_seconds": train_seconds, "refresh_seconds": self.refresh_seconds})
         return final
+
+    def _finite(self, value: torch.Tensor, what: str) -> bool:
+        """Whether ``value`` is finite on every rank (one agreed answer). A non-finite one is skipped while
+        ``train.skip_nonfinite`` allows, else the run stops with :class:`NonFiniteError` naming the step."""
+        bad = (~torch.isfinite(value.detach().float())).any().float().to(self.accelerator.device)
+        if float(self.accelerator.reduce(bad, "sum")) == 0:
+            return True
+        step = self.step + 1
+        self._nonfinite_skipped = getattr(self, "_nonfinite_skipped", 0) + 1
+        if self._nonfinite_skipped > self.cfg.train.skip_nonfinite:
+            raise NonFiniteError(
+                f"step {step}: non-finite {what} ({float(value.detach().float().reshape(-1)[0])}); stopped before "
+                "anything non-finite was saved, indexed or exported (lower the learning rates, or let "
+                f"train.skip_nonfinite=N skip up to N such steps; {self._nonfinite_skipped - 1} skipped so far)")
+        log.warning("step %d: non-finite %s, update skipped (%d of train.skip_nonfinite=%d)", step, what,
+                    self._nonfinite_skipped, self.cfg.train.skip_nonfinite)
+        return False
 
     def _after_step(self, out) -> None:
         tc = self.cfg.train
