@@ -181,3 +181,56 @@ def test_skip_nonfinite_skips_the_step_and_continues(tmp_path, monkeypatch):
     rows = _rows(tmp_path / "b", "train_log.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and calls["n"] == 5  # 5 batches for 4 updates
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_dangling_latest_falls_back_to_the_newest_complete_checkpoint(straight, tmp_path, caplog):
+    """`latest` naming a checkpoint that never completed (kill mid-save) must not restart from step 0."""
+    import shutil
+
+    from ragtrain.config import load_config
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    ck = out / "checkpoints"
+    assert (ck / "step_00000006").is_dir()
+    shutil.rmtree(ck / "step_00000006")
+    (ck / "step_00000006.tmp").mkdir()  # what a kill mid-save leaves
+    (ck / "latest").write_text("step_00000006\n")
+    caplog.set_level("WARNING")
+    tr = Trainer(load_config(None, tiny_overrides(out, **COMMON, resume="true")))
+    assert tr.step == 4 and "not a complete checkpoint" in caplog.text
+    assert not (ck / "step_00000006.tmp").exists()  # swept at start-up
+
+
+def test_replace_dir_and_sweep_never_lose_the_previous_copy(tmp_path):
+    from ragtrain.train.checkpoint import replace_dir, sweep_stale
+
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "a").write_text("old")
+    tmp = out / "final.tmp"
+    tmp.mkdir()
+    (tmp / "a").write_text("new")
+    replace_dir(tmp, out / "final")
+    assert (out / "final" / "a").read_text() == "new" and not tmp.exists() and not (out / "final.old").exists()
+    # a kill between the two renames: only final.old (complete) and final.tmp exist -> sweep restores the old one
+    (out / "final").rename(out / "final.old")
+    (out / "final.tmp").mkdir()
+    (out / "index").mkdir()
+    (out / "index" / ".tmp-v000002-x").mkdir()
+    (out / ".config.yaml.tmp123").write_text("half")
+    removed = sweep_stale(out)
+    assert (out / "final" / "a").read_text() == "new" and not (out / "final.old").exists()
+    assert {p.name for p in removed} == {"final.tmp", ".tmp-v000002-x", ".config.yaml.tmp123"}
+
+
+def test_resume_refuses_another_mode_before_loading_anything(straight, tmp_path):
+    import shutil
+
+    from ragtrain.config import ConfigError, load_config
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    with pytest.raises(ConfigError, match="mode: checkpoint 'end2end', this run 'original'"):
+        Trainer(load_config(None, tiny_overrides(out, **{**COMMON, "rag.mode": "original", "index.refresh_every": 0},
+                                                  resume="true")))

@@ -44,23 +44,67 @@ def save_checkpoint(root: Path, step: int, state: dict, save_state: Callable[[Pa
     barrier()
     if is_main:
         write_text_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         write_text_atomic(root / "latest", final.name)
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        done = sorted(p for p in root.glob("step_*") if _complete(p))
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory ``tmp`` to ``final``. An existing ``final`` is first renamed to ``final.old``
+    and deleted only once the new one is in place, so a kill at any moment leaves a complete copy under one of
+    the two names (:func:`sweep_stale` puts ``.old`` back when the new one never arrived)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and not path.name.endswith((".tmp", ".old")) and (path / "trainer_state.json").is_file()
+
+
+def latest_checkpoint(root: Path, warn=None) -> Optional[Path]:
+    """The checkpoint named by ``root/latest``; when that is missing or incomplete (a kill mid-save), the newest
+    complete ``step_*`` instead (reported through ``warn``); ``None`` when there is none."""
     pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "trainer_state.json").is_file() else None
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and _complete(named):
+        return named
+    done = sorted(p for p in root.glob("step_*") if _complete(p)) if root.is_dir() else []
+    if done and warn is not None:
+        warn(f"{pointer} names {named.name if named else 'nothing'}, which is not a complete checkpoint; "
+             f"resuming from the newest complete one, {done[-1].name}")
+    return done[-1] if done else None
+
+
+def sweep_stale(out: Path) -> list[Path]:
+    """Remove what a killed run left half written under its output folder (checkpoint, export and index
+    temporaries) and put back a ``.old`` directory whose replacement never arrived. Returns what was removed."""
+    removed = []
+    for old in list(out.glob("final.old")) + list((out / "checkpoints").glob("step_*.old")):
+        final = old.with_name(old.name[: -len(".old")])
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+        else:
+            os.replace(old, final)
+    stale = [out / "final.tmp", *(out / "checkpoints").glob("step_*.tmp"), *(out / "index").glob(".tmp-*"),
+             *out.glob(".*.tmp*"), *(out / "checkpoints").glob(".*.tmp*")]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(p)
+    return removed
 
 
 def read_state(path: Path) -> dict:

@@ -198,6 +198,8 @@ class Trainer:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for p in ckpt.sweep_stale(self.out):
+                log.info("removed %s left by an interrupted run", p)
             dump_config(cfg, self.out / "config.yaml")
         set_seed(cfg.seed)
         self.kb = self._prepare_kb()
@@ -619,9 +621,8 @@ class Trainer:
             metrics, records = self.evaluate(examples, ec.max_generate if final else ec.max_generate_in_training)
             row.update(metrics)
             if final and self.is_main:
-                with open(self.out / f"predictions_{split}.jsonl", "w") as f:
-                    for r in records:
-                        f.write(json.dumps(r) + "\n")
+                ckpt.write_text_atomic(self.out / f"predictions_{split}.jsonl",
+                                       "".join(json.dumps(r) + "\n" for r in records))
         if self.is_main:
             with open(self._metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -646,12 +647,18 @@ class Trainer:
         return path
 
     def _resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.out / "checkpoints")
+        path = ckpt.latest_checkpoint(self.out / "checkpoints", warn=log.warning)
         if path is None:
             log.warning("resume=true but no checkpoint under %s; starting fresh", self.out / "checkpoints")
             return False
-        self.accelerator.load_state(str(path))
         state = ckpt.read_state(path)
+        differs = [f"{key}: checkpoint {state.get(key)!r}, this run {now!r}"
+                   for key, now in (("world_size", D.world()), ("mode", self.cfg.rag.mode))
+                   if key in state and state[key] != now]
+        if differs:
+            raise ConfigError(f"resume: {path} is not compatible with this run ({'; '.join(differs)}); "
+                              "resume with the same launch and rag.mode, or start a new output_dir")
+        self.accelerator.load_state(str(path))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.last_refresh_step = state["last_refresh_step"]
         self._loss_sum, self._loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
@@ -711,9 +718,7 @@ class Trainer:
             src = self.store.current_dir()
             if src is not None:
                 shutil.copytree(src, tmp / "index", copy_function=_link_or_copy)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            ckpt.replace_dir(tmp, final)  # the previous export stays whole until the new one is in place
             log.info("exported models to %s", final)
         D.barrier()
         return final
