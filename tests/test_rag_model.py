@@ -278,3 +278,38 @@ def test_tiny_tokenizer_is_deterministic():
     enc = tok.encode("Zanzibar capital")
     assert "[UNK]" not in enc.tokens
     assert tok.decode(enc.ids) == "zanzibar capital"
+
+
+@pytest.mark.parametrize("generator", ["tiny:llama", "tiny:bart"])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, generator):
+    """model.gradient_checkpointing recomputes activations in the backward pass: the loss and every gradient
+    equal the run without it."""
+    from conftest import tiny_overrides
+    from ragtrain.config import load_config
+    from ragtrain.train.trainer import Trainer
+
+    grads, losses, checked = [], [], []
+    for gc in ("[]", "[generator,question_encoder,context_encoder]"):
+        cfg = load_config(None, tiny_overrides(tmp_path / gc.strip("[]").replace(",", "-"), **{
+            "model.generator": generator, "rag.mode": "end2end", "model.gradient_checkpointing": gc}))
+        tr = Trainer(cfg)
+        rag = tr.unwrapped
+        checked.append([getattr(sub.model, "is_gradient_checkpointing", False)
+                        for sub in (rag.generator, rag.question_encoder, rag.context_encoder)])
+        tr.model.train()  # as Trainer.train() does (checkpointing applies in training mode)
+        batch = next(iter(tr.train_loader))
+        # a sub-module of the first layer: transformers checkpoints the layer's forward (its own hooks fire once)
+        layer = next(m for n, m in rag.generator.model.named_modules() if n.endswith("layers.0.self_attn"))
+        calls = []
+        layer.register_forward_hook(lambda *_: calls.append(1))
+        out = tr.model(batch["q_input_ids"], batch["q_attention_mask"], retrieve=tr._make_retrieve(batch))
+        n_forward = len(calls)
+        out.loss.backward()
+        checked[-1].append(len(calls) - n_forward)  # recomputed in the backward pass only when checkpointing
+        losses.append(out.loss.item())
+        grads.append({n: p.grad.clone() for n, p in rag.named_parameters() if p.grad is not None})
+    assert checked == [[False] * 3 + [0], [True] * 3 + [1]]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert grads[0].keys() == grads[1].keys() and any("context_encoder" in n for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)

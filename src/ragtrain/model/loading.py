@@ -76,6 +76,17 @@ def _load_generator(spec: str, mcfg: ModelConfig, base_tok, seed: int):
     return model, tok, is_seq2seq
 
 
+def enable_gradient_checkpointing(model, name: str) -> None:
+    """Activation checkpointing of a Hugging Face model (non-reentrant: exact gradients, works with frozen
+    inputs, LoRA and ZeRO-3)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"model.gradient_checkpointing: the {name} ({type(model).__name__}) does not support "
+                         "gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = False  # a KV cache is useless (and warned about) while checkpointing
+
+
 def build_rag_model(mcfg: ModelConfig, rcfg: RagConfig, corpus: Iterable[str] = (), seed: int = 0
                     ) -> tuple[RagModel, Tokenizers]:
     """Load/build the encoders and the generator; ``corpus`` trains the tokenizer of ``tiny:`` models."""
@@ -98,6 +109,9 @@ def build_rag_model(mcfg: ModelConfig, rcfg: RagConfig, corpus: Iterable[str] = 
         c_model = apply_lora(c_model, **lora_kw)
     if "generator" in mcfg.lora:
         g_model = apply_lora(g_model, **lora_kw)
+    for name, m in (("question_encoder", q_model), ("context_encoder", c_model), ("generator", g_model)):
+        if name in mcfg.gradient_checkpointing:
+            enable_gradient_checkpointing(m, name)
     rag = RagModel(Encoder(q_model, mcfg.pooling, mcfg.normalize), Encoder(c_model, mcfg.pooling, mcfg.normalize),
                    Generator(g_model, is_seq2seq, buckets=rcfg.generator_buckets), mode=rcfg.mode,
                    loss_type=rcfg.loss_type, n_docs=rcfg.n_docs, retrieval_loss_weight=rcfg.retrieval_loss_weight,
