@@ -334,3 +334,38 @@ def test_faiss_padding_is_masked_not_read_as_passage_0(tiny_cfg):
     ex = {"id": "x", "question": "q", "answers": ["blue lagoon"], "gold_passage_id": -1}
     rec = _record(ex, None, np.array([-1, 7]), [("", "the Blue Lagoon"), ("", "the Blue Lagoon too")])
     assert rec["hits"] == [False, True]
+
+
+def test_rerank_keeps_the_live_encoders_top_k_of_the_stale_top_l(tiny_cfg):
+    """rag.rerank_top=L: the k passages used are the best k of the index's top L under the *live* context
+    encoder (trained since the index was built), not the index's own top k."""
+    tr = Trainer(tiny_cfg(**{"rag.mode": "end2end", "rag.n_docs": 3, "rag.rerank_top": 12, "index.refresh_every": 0,
+                             "train.max_steps": 3, "train.context_encoder_lr": 5e-2}))
+    tr.train()
+    assert tr.index_version == 1  # stale index: only the live encoder moved
+    tr.model.train()
+    batch = next(iter(tr.train_loader))
+    rag = tr.unwrapped
+    with torch.no_grad():
+        q = rag.encode_questions(batch["q_input_ids"], batch["q_attention_mask"])
+    docs = tr._make_retrieve(batch)(q, True, False)
+    stale = tr.search(q, batch["questions"], 12)["ids"]
+    rag.context_encoder.eval()
+    for b in range(q.shape[0]):
+        cand = stale[b].tolist()
+        with torch.no_grad():
+            c = rag.encode_passages(**{k: v for k, v in zip(("input_ids", "attention_mask"),
+                                                             tr._passage_inputs(cand).values())})
+        live = (q[b] @ c.T).tolist()
+        want = [cand[j] for j in sorted(range(12), key=lambda j: -live[j])[:3]]
+        assert docs["doc_ids"][b].tolist() == want
+    assert any(docs["doc_ids"][b].tolist() != stale[b, :3].tolist() for b in range(q.shape[0]))
+
+
+def test_rerank_config_is_validated(tiny_cfg):
+    from ragtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rag.rerank_top: must be 0"):
+        tiny_cfg(**{"rag.rerank_top": 2})  # n_docs is 3
+    with pytest.raises(ConfigError, match="rag.rerank_top: rag.mode=original"):
+        tiny_cfg(**{"rag.mode": "original", "rag.rerank_top": 6})

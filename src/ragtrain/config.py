@@ -97,6 +97,10 @@ class RagConfig:
     # generator time at 20M params, -3% to +1% at 2M, where a call's fixed cost dominates); under ZeRO-3 every
     # call gathers the generator's parameters again.
     generator_buckets: int = 1
+    # >= n_docs (modes that train the context encoder): retrieve this many passages from the (stale) index,
+    # re-score them with the live context encoder and keep the best n_docs (Atlas's re-ranking), so the encoder
+    # keeps learning between (rare or no) full refreshes; 0 = off
+    rerank_top: int = 0
 
 
 @dataclass
@@ -327,6 +331,12 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError(f"rag.generator_buckets: must be >= 1, got {cfg.rag.generator_buckets}")
     positive("rag.retrieval_loss_weight", cfg.rag.retrieval_loss_weight, allow_zero=True)
     positive("rag.retrieval_temperature", cfg.rag.retrieval_temperature)
+    if cfg.rag.rerank_top and cfg.rag.rerank_top < cfg.rag.n_docs:
+        raise ConfigError(f"rag.rerank_top: must be 0 (off) or >= rag.n_docs ({cfg.rag.n_docs}), "
+                          f"got {cfg.rag.rerank_top}")
+    if cfg.rag.rerank_top and cfg.rag.mode in ("original", "generator_only"):
+        raise ConfigError(f"rag.rerank_top: rag.mode={cfg.rag.mode} freezes the context encoder, so re-ranking "
+                          "with it would return the index's own order; set it to 0")
     positive("data.passage_words", cfg.data.passage_words)
     positive("train.skip_nonfinite", cfg.train.skip_nonfinite, allow_zero=True)
     if cfg.eval.decode_docs < 0 or cfg.eval.decode_docs > cfg.rag.n_docs:

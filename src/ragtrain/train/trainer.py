@@ -392,12 +392,35 @@ class Trainer:
                 rows[j] = r
         return self.collator.pad_passage_ids(rows)
 
+    @torch.no_grad()
+    def _rerank(self, q: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+        """The ``k`` of each row's retrieved ``ids`` that the *live* context encoder scores highest against ``q``
+        (``rag.rerank_top``; Atlas's re-ranking of a stale top-L). Each distinct passage is encoded once, in eval
+        mode (no dropout draw), and the encoder is called once a step on every rank (ZeRO-3 lock-step)."""
+        enc = self.unwrapped.context_encoder
+        was_training = enc.training
+        enc.eval()
+        uniq, inverse = torch.unique(ids.reshape(-1).clamp(min=0), return_inverse=True)
+        batch = self._passage_inputs(uniq.tolist())
+        device = self.accelerator.device
+        with self.accelerator.autocast():
+            c = enc(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+        enc.train(was_training)
+        scores = torch.einsum("bd,bld->bl", q.detach().float().to(device), c[inverse.to(device)].view(*ids.shape, -1))
+        scores = scores.masked_fill(ids.to(device) < 0, float("-inf"))  # retriever padding never wins
+        order = scores.topk(k, dim=1).indices.cpu()
+        return torch.gather(ids, 1, order)
+
     def _make_retrieve(self, batch: dict):
         device = self.accelerator.device
 
         def retrieve(q: torch.Tensor, live_context: bool, with_gold: bool) -> dict:
             gold = batch["gold_ids"] if with_gold else None
-            res = self.search(q, batch["questions"], self.cfg.rag.n_docs, gold, with_embeddings=not live_context)
+            k, top = self.cfg.rag.n_docs, self.cfg.rag.rerank_top
+            rerank = bool(top) and live_context and top > k
+            res = self.search(q, batch["questions"], top if rerank else k, gold, with_embeddings=not live_context)
+            if rerank:
+                res["ids"] = self._rerank(q, res["ids"], k)
             passages = self._passages(res["ids"])
             out = self.collator.generator_inputs(batch["questions"], passages, batch["answers"])
             out["doc_ids"] = res["ids"]
