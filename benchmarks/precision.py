@@ -77,7 +77,10 @@ def run_arm(keys: dict) -> dict:
         inner(out)
 
     trainer._after_step = after_step
-    trainer.train()
+    try:
+        trainer.train()
+    finally:  # leave no precision behind for the next Accelerator of this process
+        AcceleratorState._reset_state(reset_partial_state=True)
     step_seconds = [b - a for a, b in zip(stamps, stamps[1:])]
     losses = [r["loss"] for r in read_jsonl(Path(cfg.output_dir) / "train_log.jsonl")]
     shutil.rmtree(Path(cfg.output_dir) / "final", ignore_errors=True)

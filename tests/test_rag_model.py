@@ -294,7 +294,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, generator):
             "model.generator": generator, "rag.mode": "end2end", "model.gradient_checkpointing": gc}))
         tr = Trainer(cfg)
         rag = tr.unwrapped
-        checked.append([getattr(sub.model, "is_gradient_checkpointing", False)
+        checked.append([bool(getattr(sub.model, "is_activation_checkpointing",
+                                     getattr(sub.model, "is_gradient_checkpointing", False)))
                         for sub in (rag.generator, rag.question_encoder, rag.context_encoder)])
         tr.model.train()  # as Trainer.train() does (checkpointing applies in training mode)
         batch = next(iter(tr.train_loader))

@@ -82,7 +82,11 @@ def enable_gradient_checkpointing(model, name: str) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"model.gradient_checkpointing: the {name} ({type(model).__name__}) does not support "
                          "gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False  # a KV cache is useless (and warned about) while checkpointing
 
