@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import gzip
 import json
 import logging
@@ -313,7 +314,12 @@ def run_arm(arm: str, keys: dict, trains: bool, work: Path, keep_exports: bool, 
         "kb_passages": len(trainer.kb),
         "splits": {k: len(v) for k, v in trainer.splits.items()},
     }
-    del trainer
+    # the instance attributes above (bound methods of the trainer) make reference cycles: without a collection
+    # every finished arm's models and optimizer state stay in RAM (~3 GB an arm with SmolLM2; an OOM kill on a
+    # 24 GB host by the third arm)
+    trainer.encode_kb = trainer.evaluate = None
+    del trainer, inner_evaluate
+    gc.collect()
     if not keep_exports:
         shutil.rmtree(Path(cfg.output_dir) / "final", ignore_errors=True)
     return result
@@ -461,6 +467,9 @@ def parse_args(argv=None):
                     help="a step-0 validation evaluation for every trained arm too (default: no for smoke, where "
                     "the zero-shot arm is the dense arms' step 0; yes otherwise)")
     ap.add_argument("--keep-exports", action="store_true", help="keep each arm's exported models (OUTPUT_DIR/final)")
+    ap.add_argument("--reuse-finished", action="store_true",
+                    help="take an arm whose WORK_DIR/<arm>/arm_result.json exists from that finished run instead of "
+                    "training it again (arms run by separate invocations, e.g. side by side, then one report)")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for torch and FAISS (0 = their default); run two datasets side by side with 1")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -528,18 +537,25 @@ def main(argv=None) -> dict:
     for arm in arms:
         keys, trains = arm_keys(arm, refresh, scale.get("joint_weight", 1.0))
         run_dir = work / arm
-        shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
         all_keys = {**common, **keys, "output_dir": str(run_dir)}
-        log.info("=== arm %s (%s)", arm, " ".join(_overrides(keys)))
-        t = time.time()
-        try:
-            res = run_arm(arm, all_keys, trains, work, args.keep_exports, eval_at_start)
-        except SystemExit:
-            raise
-        except Exception as e:  # one failing arm must not lose the others' results
-            log.exception("arm %s failed", arm)
-            res = {"error": f"{type(e).__name__}: {e}"}
-        res["arm_wall_seconds"] = round(time.time() - t, 2)
+        if args.reuse_finished and (run_dir / "arm_result.json").is_file():
+            res = json.loads((run_dir / "arm_result.json").read_text())
+            res["reused_from"] = str(run_dir / "arm_result.json")
+            log.info("=== arm %s: reusing the finished run in %s", arm, run_dir)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+            log.info("=== arm %s (%s)", arm, " ".join(_overrides(keys)))
+            t = time.time()
+            try:
+                res = run_arm(arm, all_keys, trains, work, args.keep_exports, eval_at_start)
+            except SystemExit:
+                raise
+            except Exception as e:  # one failing arm must not lose the others' results
+                log.exception("arm %s failed", arm)
+                res = {"error": f"{type(e).__name__}: {e}"}
+            res["arm_wall_seconds"] = round(time.time() - t, 2)
+            if "error" not in res:
+                write_json(run_dir / "arm_result.json", res)  # lets --reuse-finished pick the arm up
         results["arms"][arm] = res
         rows = read_jsonl(run_dir / "metrics.jsonl")
         curves[arm] = rows
