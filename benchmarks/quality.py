@@ -388,25 +388,29 @@ def goals(res: dict) -> list[dict]:
 def results_markdown(res: dict) -> str:
     arms = res["arms"]
     header = ["arm", "EM", "F1", "R@1", "R@5", "R@20", "MRR", "steps", "train s", "refresh s", "refresh share",
-              "eval n"]
+              "eval n", "arm wall s"]
     rows = []
     for arm, r in arms.items():
         if "error" in r:
-            rows.append([arm, *(["error"] * 11)])
+            rows.append([arm, *(["error"] * 12)])
             continue
         rows.append([arm, r["em"], r["f1"], r["recall@1"], r["recall@5"], r["recall@20"], r["mrr"], r["steps"],
-                     r["train_seconds"], r["refresh_seconds"], r["refresh_share_of_train"], r["n"]])
+                     r["train_seconds"], r["refresh_seconds"], r["refresh_share_of_train"], r["n"],
+                     r.get("arm_wall_seconds")])
     lines = [
         f"# ragtrain quality benchmark: {res['dataset']} ({res['scale']})",
         "",
         f"Command: `{res['command']}`  ",
         f"Machine: {machine_markdown(res['machine'])}  ",
         f"Started {res['started']}; total wall time {res['wall_seconds'] / 60:.1f} min.",
+        *([f"", f"**Provenance:** {res['note']}"] if res.get("note") else []),
         "",
         f"Data: `{res['data_file']}` — knowledge base {res['kb_passages']} passages "
-        f"({res['common']['data.passage_words']}-word, with titles); QA split by article (seed 0): "
-        f"{res['splits']}; evaluation on the first {res['common'].get('data.max_eval_examples') or 'all'} "
-        f"questions of each split.  ",
+        f"({res['common']['data.passage_words']}-word, with the article title where there is one); QA split by "
+        f"article (seed 0): {res['splits']}; retrieval metrics on "
+        f"{'the first ' + str(res['common']['data.max_eval_examples']) if res['common'].get('data.max_eval_examples') else 'every'} "
+        f"question of each split, EM/F1 on the first {res['common'].get('eval.max_generate', 'all')} test questions "
+        f"(-1 = all).  ",
         f"Models: {res['models']}.  ",
         f"Generator fine-tuning: {'LoRA' if res['generator_lora'] else 'full'}.",
         "",
@@ -470,6 +474,7 @@ def parse_args(argv=None):
     ap.add_argument("--reuse-finished", action="store_true",
                     help="take an arm whose WORK_DIR/<arm>/arm_result.json exists from that finished run instead of "
                     "training it again (arms run by separate invocations, e.g. side by side, then one report)")
+    ap.add_argument("--note", default="", help="a provenance note printed in results.md (e.g. how the arms were run)")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for torch and FAISS (0 = their default); run two datasets side by side with 1")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -532,7 +537,8 @@ def main(argv=None) -> dict:
 
     results = {"dataset": name, "scale": args.scale, "data_file": str(kb_src), "command": command_line(),
                "started": started, "machine": machine_info(), "models": models,
-               "generator_lora": bool(generator_lora), "refresh": refresh, "threads": args.threads or None, "common": common, "arms": {}}
+               "generator_lora": bool(generator_lora), "refresh": refresh, "threads": args.threads or None,
+               "note": args.note, "common": common, "arms": {}}
     curves, per_question = {}, {}
     for arm in arms:
         keys, trains = arm_keys(arm, refresh, scale.get("joint_weight", 1.0))
