@@ -156,7 +156,12 @@ def plot_quality_curves(curves: dict[str, list[dict]], out_png: Path, title: str
         ax.set_ylabel(f"{label} (%)")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = [], []
+    for ax in axes.flat:  # validation lines may be absent from some panels (retrieval-only validation)
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=max(1, min(4, len(labels))), fontsize=8)
     if title:
         fig.suptitle(title)

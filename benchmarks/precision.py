@@ -143,10 +143,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--dataset", default=None, help="covid | squad | sample | PATH (default covid; sample for toy)")
     ap.add_argument("--scale", choices=("cpu", "toy"), default="cpu")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch and FAISS (0 = their default)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "precision-cpu"))
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench" / "precision"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads > 0:
+        import faiss
+        import torch
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
     dataset = args.dataset or ("sample" if args.scale == "toy" else "covid")
     out, work = Path(args.out), Path(args.work_dir)
     out.mkdir(parents=True, exist_ok=True)
