@@ -1,6 +1,6 @@
 """fp32 vs bf16 autocast for a real RAG-end2end training step on this CPU: step time ratio and loss curves.
 
-Decides ``train.mixed_precision=auto`` on CPUs (ragtrain picks bf16 where AMX is present). Both arms train the
+The evidence ``train.mixed_precision=auto`` needs before it may pick bf16 on AMX CPUs. Both arms train the
 quality benchmark's ``cpu`` configuration (all-MiniLM-L6-v2 encoders + SmolLM2-135M-Instruct, 4 questions x 4
 passages a step, RAG-end2end, no refresh) on the same data in the same order from the same initialisation; only
 ``train.mixed_precision`` differs. Reported: median step time per arm (steps after the first two), their ratio,

@@ -110,7 +110,7 @@ SCALES = {
                  "train.max_steps": 2, "train.eval_every": 1, "train.log_every": 1, "train.warmup_steps": 0,
                  "train.generator_lr": 1e-3, "train.question_encoder_lr": 1e-3, "train.context_encoder_lr": 1e-3,
                  "eval.batch_size": 8, "eval.max_new_tokens": 3,
-                 "train.mixed_precision": "'no'"},  # fp32 on every host (auto is bf16 on AMX CPUs)
+                 "train.mixed_precision": "'no'"},  # fp32 on every host whatever auto picks
     },
     "smoke": {
         "models": "pretrained", "max_articles": 3, "refresh": 3, "eval_at_start": False,

@@ -23,7 +23,7 @@ def tiny_overrides(out: Path, **extra) -> list[str]:
         "model.tiny_layers": 1,
         "model.tiny_vocab": 800,
         "model.dropout": 0.0,  # deterministic: multi-rank and resume comparisons are exact
-        "train.mixed_precision": "no",  # fp32 on every host (auto is bf16 on AMX CPUs): exact comparisons
+        "train.mixed_precision": "no",  # fp32 on every host whatever auto picks: exact comparisons
         "model.max_passage_length": 64,
         "model.max_prompt_length": 96,
         "model.max_answer_length": 8,
