@@ -52,15 +52,6 @@ class NonFiniteError(RuntimeError):
     exported."""
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix multiplies natively (Intel AMX tiles)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except Exception:  # a private torch helper: never let a probe failure stop training
-        return False
-
-
 def resolve_mixed_precision(mp: str) -> str:
     """``train.mixed_precision`` -> accelerate's value: ``auto`` = bf16 on GPUs that support it, else ``no``.
 
@@ -527,17 +518,16 @@ class Trainer:
                     with acc.accumulate(self.model):
                         out = self.model(batch["q_input_ids"], batch["q_attention_mask"],
                                          retrieve=self._make_retrieve(batch))
-                        if not self._finite(out.loss, "loss"):
+                        ok = self._finite(out.loss, "loss")
+                        if ok:
+                            acc.backward(out.loss)
+                            if acc.sync_gradients and tc.max_grad_norm > 0:
+                                norm = acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+                                ok = norm is None or self._finite(torch.as_tensor(norm), "gradient norm")
+                        if not ok:  # skipped (train.skip_nonfinite): no update from this batch
                             self.optimizer.zero_grad()
                             self.batch_in_epoch += 1
                             continue
-                        acc.backward(out.loss)
-                        if acc.sync_gradients and tc.max_grad_norm > 0:
-                            norm = acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
-                            if norm is not None and not self._finite(torch.as_tensor(norm), "gradient norm"):
-                                self.optimizer.zero_grad()
-                                self.batch_in_epoch += 1
-                                continue
                         self.optimizer.step()
                         if acc.sync_gradients:
                             self.scheduler.step()
