@@ -61,13 +61,20 @@ def single(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("single") / "run", 1, **{"train.gradient_accumulation_steps": 2})
 
 
-@pytest.mark.parametrize("stage,buckets", [(0, 1), (2, 1), (3, 1), (3, 2)])
-def test_zero_matches_single_process(single, tmp_path, stage, buckets):
+@pytest.mark.parametrize("stage,buckets,encode_bs", [(0, 1, 64), (2, 1, 64), (3, 1, 64), (3, 2, 64), (3, 1, 3)])
+def test_zero_matches_single_process(single, tmp_path, stage, buckets, encode_bs):
     """Stage 0 = plain DDP through Accelerate (no DeepSpeed), stages 2/3 = one DeepSpeed engine.  buckets=2: the
-    generator runs in two length-bucketed calls per step (both ranks must call the partitioned model alike)."""
+    generator runs in two length-bucketed calls per step (both ranks must call the partitioned model alike).
+    encode_bs=3: the ranks' KB slices hold different numbers of encode batches, so under ZeRO-3 the shorter one
+    runs dummy batches to keep the partitioned encoder in lock-step (and they must not enter the index)."""
     extra = {"train.deepspeed_config": f"ds_configs/zero{stage}.json"} if stage else {}
-    out = _run(tmp_path / f"zero{stage}", 2, **extra, **{"rag.generator_buckets": buckets})
+    out = _run(tmp_path / f"zero{stage}-{buckets}-{encode_bs}", 2, **extra,
+               **{"rag.generator_buckets": buckets, "index.encode_batch_size": encode_bs})
     ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
+    calls = [r["encode_batches"] for r in ranks]
+    assert len({c["real"] + c["dummy"] for c in calls}) == 1, calls  # lock-step: the same number on each rank
+    if encode_bs == 3:
+        assert calls[0]["dummy"] == 0 < calls[1]["dummy"] and calls[1]["real"] > 0, calls
     kind = "DEEPSPEED" if stage else "MULTI_CPU"  # never NO: that would be two unsynchronised replicas
     assert all(r["world_size"] == 2 and r["zero_stage"] == stage and kind in r["distributed_type"]
                for r in ranks), ranks

@@ -31,6 +31,14 @@ def test_end2end_refresh_changes_embeddings_and_bumps_version(tiny_cfg):
     # the new index returns the same vectors the live encoder produces now
     fresh = tr.encode_kb()
     np.testing.assert_allclose(fresh, after_emb, atol=1e-5)
+    # and the live retriever searches it: top-5 of random queries = brute force over the new vectors, not the old
+    q = torch.randn(6, after_emb.shape[1], generator=torch.Generator().manual_seed(0))
+    res = tr.search(q, [f"q{i}" for i in range(6)], 5)
+    top = lambda emb: np.argsort(-(q.numpy() @ emb.T), axis=1, kind="stable")[:, :5]  # noqa: E731
+    assert not np.array_equal(top(after_emb), top(before_emb))  # the two indexes answer differently here
+    np.testing.assert_array_equal(res["ids"].numpy(), top(after_emb))
+    np.testing.assert_allclose(res["scores"].numpy(), np.take_along_axis(q.numpy() @ after_emb.T, top(after_emb), 1),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_encode_kb_equals_unpadded_per_passage_encoding(tiny_cfg):

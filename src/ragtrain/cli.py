@@ -66,6 +66,8 @@ def _cmd_index(args) -> dict:
 
 
 def _cmd_eval(args) -> dict:
+    import numpy as np
+
     from ragtrain.data.kb import load_kb
     from ragtrain.data.qa import load_qa
     from ragtrain.eval.evaluate import predict, summarize
@@ -79,11 +81,14 @@ def _cmd_eval(args) -> dict:
         raise FileNotFoundError("no --kb given and the checkpoint records none")
     kb = load_kb(kb_dir)
     if args.index:
-        index, _, _ = IndexStore(Path(args.index)).load_current()
+        index, emb, _ = IndexStore(Path(args.index)).load_current()
     elif not args.kb and (ckpt / "index" / "index.faiss").is_file():
         index = DenseIndex.load(ckpt / "index")
+        stored = ckpt / "index" / "embeddings.npy"
+        emb = np.load(stored, mmap_mode="r") if stored.is_file() else None
     else:
-        index = DenseIndex.build(_encode_kb(rag, collator, kb, args.batch_size))
+        emb = _encode_kb(rag, collator, kb, args.batch_size)
+        index = DenseIndex.build(emb)
     if index.ntotal != len(kb):
         raise ValueError(f"index has {index.ntotal} vectors but the KB {kb_dir} has {len(kb)} passages")
     examples = load_qa(args.data, kb=kb)
@@ -93,10 +98,15 @@ def _cmd_eval(args) -> dict:
     ks = [int(k) for k in args.recall_ks.split(",")]
 
     def search(q, questions, k):
-        return index.search(q.detach().float().numpy(), k)
+        scores, ids = index.search(q.detach().float().numpy(), k)
+        res = {"scores": scores, "ids": ids}
+        if emb is not None:  # stored vectors: p(z|x) of a model trained with a frozen context encoder
+            res["doc_embeddings"] = np.asarray(emb[np.clip(ids, 0, None).reshape(-1)]).reshape(*ids.shape, -1)
+        return res
 
     records = predict(rag, collator, search, kb, examples, n_docs=n_docs, recall_depth=min(max(ks), len(kb)),
-                      batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+                      batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                      decoding=args.decoding)
     report = summarize(records, ks)
     if args.predictions:
         with open(args.predictions, "w") as f:
@@ -135,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--index", default="", help="index store dir (default: the checkpoint's index, or re-encode)")
     e.add_argument("--n-docs", type=int, default=0)
     e.add_argument("--num-beams", type=int, default=1)
+    e.add_argument("--decoding", default="auto", choices=["auto", "fast", "thorough", "token"],
+                   help="auto: RAG-Token decoding for a model trained with loss_type=token, else RAG-Sequence fast")
     e.add_argument("--max-new-tokens", type=int, default=24)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-examples", type=int, default=0)

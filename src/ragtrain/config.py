@@ -150,7 +150,10 @@ class EvalConfig:
     recall_ks: list[int] = field(default_factory=lambda: [1, 5, 20])
     # EM/F1/BLEU/ROUGE need a generated answer, retrieval metrics do not: the first N evaluated questions get an
     # answer generated (-1 = all, 0 = retrieval metrics only); recall@k and MRR always cover every question
-    decode_docs: int = 0  # fast decoding: candidates generated from the top N passages (0 = rag.n_docs)
+    decode_docs: int = 0  # answers decoded from the top N passages (0 = rag.n_docs)
+    # auto (token for rag.loss_type=token, else fast) | fast | thorough (RAG-Sequence) | token (RAG-Token, greedy);
+    # all use the trained p(z|x) (temperature, live context vectors): see ragtrain.eval.decoding
+    decoding: str = "auto"
     max_generate: int = -1  # the final (test) evaluation
     max_generate_in_training: int = -1  # validation evaluations during training (and at step 0)
 
@@ -309,6 +312,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
 
 def validate(cfg: Config, check_files: bool = True) -> None:
     """Reject invalid values with a message naming the key (raises :class:`ConfigError`)."""
+    from ragtrain.eval.decoding import DECODINGS, resolve_decoding  # torch: not at import time of the config
 
     def choice(key: str, value: str, options: tuple) -> None:
         if value not in options:
@@ -366,6 +370,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for key in ("encode_batch_size", "nlist", "nprobe", "hnsw_m", "keep_versions"):
         positive(f"index.{key}", getattr(cfg.index, key))
     positive("eval.num_beams", cfg.eval.num_beams)
+    choice("eval.decoding", cfg.eval.decoding, DECODINGS)
+    if resolve_decoding(cfg.eval.decoding, cfg.rag.loss_type) == "token" and cfg.eval.num_beams > 1:
+        raise ConfigError(f"eval.num_beams: RAG-Token decoding (eval.decoding={cfg.eval.decoding}, "
+                          f"rag.loss_type={cfg.rag.loss_type}) is greedy; set eval.num_beams=1 or eval.decoding=fast")
     positive("eval.max_new_tokens", cfg.eval.max_new_tokens)
     positive("eval.batch_size", cfg.eval.batch_size)
     if not cfg.eval.recall_ks or any(k < 1 for k in cfg.eval.recall_ks):

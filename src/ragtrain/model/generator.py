@@ -16,6 +16,7 @@ batch), so the vocabulary projection, its log-softmax and their backward never r
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -121,3 +122,60 @@ class Generator(nn.Module):
             return out
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out[:, input_ids.shape[1]:]
+
+    @torch.no_grad()
+    def generate_marginal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, doc_logprobs: torch.Tensor, *,
+                          max_new_tokens: int = 24, pad_token_id: int | None = None, eos_token_id: int | None = None,
+                          synced_gpus: bool = False, output_scores: bool = False):
+        """RAG-Token greedy decoding: ``input_ids``/``attention_mask`` hold the ``B * K`` (question, passage) prompts
+        (b-major, causal prompts left-padded); ``doc_logprobs`` (B, K) is log p(z|x).  At every step the next token
+        of question b is ``argmax_y sum_z p(z|x) p(y | x, z, y_<t)`` and is appended to all K of its rows (one
+        KV cache per row).  Returns (B, <= max_new_tokens) new token ids, ``pad_token_id`` after a row's eos.
+        ``synced_gpus`` (ZeRO-3, several ranks): always ``max_new_tokens`` forward calls, so ranks stay in step.
+        ``output_scores``: also return the marginal log-probabilities of every step, (B, steps, vocab)."""
+        b, k = doc_logprobs.shape
+        n = input_ids.shape[0]
+        if n != b * k:
+            raise ValueError(f"generate_marginal: {n} prompt rows for {b} questions x {k} passages")
+        pad = pad_token_id if pad_token_id is not None else 0
+        doc_lp = doc_logprobs.float().to(input_ids.device).unsqueeze(-1)  # (B, K, 1)
+        mask = attention_mask
+        if self.is_seq2seq:
+            encoder_outputs = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+            start = self.model.config.decoder_start_token_id
+            cur = torch.full((n, 1), pad if start is None else start, dtype=torch.long, device=input_ids.device)
+            step_kwargs = {"encoder_outputs": encoder_outputs, "attention_mask": attention_mask}
+        else:
+            cur = input_ids
+            position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            step_kwargs = {}
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
+        cache_key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        past = None
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        out, scores = [], []
+        for _ in range(max_new_tokens):
+            if self.is_seq2seq:
+                res = self.model(decoder_input_ids=cur, use_cache=True, **{cache_key: past}, **step_kwargs)
+            else:
+                res = self.model(input_ids=cur, attention_mask=mask, position_ids=position, use_cache=True,
+                                 logits_to_keep=1, **{cache_key: past})
+            past = res.get(cache_key)  # transformers >= 5.2x names the KV cache ``cache``, before ``past_key_values``
+            logp = torch.log_softmax(res.logits[:, -1].float(), dim=-1).view(b, k, -1)
+            marginal = torch.logsumexp(logp + doc_lp, dim=1)  # (B, V)
+            if output_scores:
+                scores.append(marginal)
+            token = marginal.argmax(-1)
+            token = token.masked_fill(done, pad)
+            out.append(token)
+            if eos_token_id is not None:
+                done |= token == eos_token_id
+            if bool(done.all()) and not synced_gpus:
+                break
+            cur = token.repeat_interleave(k).unsqueeze(-1)
+            if not self.is_seq2seq:
+                mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
+                position = position[:, -1:] + 1
+        tokens = torch.stack(out, dim=1) if out else input_ids.new_zeros((b, 0))
+        return (tokens, torch.stack(scores, dim=1) if scores else None) if output_scores else tokens
+

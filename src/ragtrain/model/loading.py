@@ -168,12 +168,14 @@ def export_models(rag: RagModel, tokenizers: Tokenizers, out_dir: Path, state_di
         getattr(tokenizers, tok_attr).save_pretrained(out_dir / name)
     meta = {"pooling": rag.question_encoder.pooling, "normalize": rag.question_encoder.normalize,
             "is_seq2seq": rag.generator.is_seq2seq, "loss_type": rag.loss_type, "n_docs": rag.n_docs,
-            **(extra or {})}
+            "mode": rag.mode, "retrieval_temperature": rag.retrieval_temperature, **(extra or {})}
     (out_dir / "ragtrain.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_exported(path: Path, mode: str = "original") -> tuple[RagModel, Tokenizers, dict]:
-    """Reload a directory written by :func:`export_models`."""
+def load_exported(path: Path, mode: str | None = None) -> tuple[RagModel, Tokenizers, dict]:
+    """Reload a directory written by :func:`export_models`, in the mode it was trained in (``mode`` overrides;
+    exports older than that record read as ``original``) and with its retrieval temperature, so that decoding
+    uses the trained p(z|x): the live context encoder re-scores the retrieved passages where it was trained."""
     meta = json.loads((path / "ragtrain.json").read_text())
     q = _auto_encoder(path / "question_encoder")
     c = _auto_encoder(path / "context_encoder")
@@ -183,5 +185,7 @@ def load_exported(path: Path, mode: str = "original") -> tuple[RagModel, Tokeniz
     if toks.generator.pad_token is None:
         toks.generator.pad_token = toks.generator.eos_token
     rag = RagModel(Encoder(q, meta["pooling"], meta["normalize"]), Encoder(c, meta["pooling"], meta["normalize"]),
-                   Generator(g, meta["is_seq2seq"]), mode=mode, loss_type=meta["loss_type"], n_docs=meta["n_docs"])
+                   Generator(g, meta["is_seq2seq"]), mode=mode or meta.get("mode", "original"),
+                   loss_type=meta["loss_type"], n_docs=meta["n_docs"],
+                   retrieval_temperature=float(meta.get("retrieval_temperature", 1.0)))
     return rag, toks, meta

@@ -101,6 +101,15 @@ class RagModel(nn.Module):
     def encode_passages(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.context_encoder(input_ids, attention_mask)
 
+    def doc_scores(self, q: torch.Tensor, c: torch.Tensor, doc_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The retrieval logits: ``q`` (B, d) . ``c`` (B, K, d) / ``retrieval_temperature``, float32, so that
+        p(z|x) = softmax over K; ``doc_mask`` (B, K) False on retriever padding (FAISS id -1) -> -inf (p = 0).
+        Training and decoding (:mod:`ragtrain.eval.decoding`) both take p(z|x) from here."""
+        scores = torch.einsum("bd,bkd->bk", q.float(), c.float()) / self.retrieval_temperature
+        if doc_mask is not None:
+            scores = scores.masked_fill(~doc_mask.to(scores.device), float("-inf"))
+        return scores
+
     # --------------------------------------------------------------------------------------- forward
     def forward(self, q_input_ids: torch.Tensor, q_attention_mask: torch.Tensor, retrieve: Retrieve,
                 with_gold: Optional[bool] = None) -> RagOutput:
@@ -117,9 +126,7 @@ class RagModel(nn.Module):
             c = c.view(b, k, -1)
         else:
             c = docs["doc_embeddings"].to(device=q.device, dtype=q.dtype)
-        doc_scores = torch.einsum("bd,bkd->bk", q.float(), c.float()) / self.retrieval_temperature
-        if "doc_mask" in docs:  # retriever padding (FAISS id -1): p(z|x) = 0
-            doc_scores = doc_scores.masked_fill(~docs["doc_mask"].to(doc_scores.device), float("-inf"))
+        doc_scores = self.doc_scores(q, c, docs.get("doc_mask"))
 
         with self._grad_ctx("generator"):
             token_logprobs = self.generator.target_logprobs(docs).view(b, k, -1)

@@ -211,6 +211,7 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(
             self.rag, self.optimizer, loader, self.scheduler)
         self.is_zero3 = bool(acc.state.deepspeed_plugin and acc.state.deepspeed_plugin.zero_stage == 3)
+        self._encode_calls = {"real": 0, "dummy": 0}
         self._write_rank_info()
         self.store = IndexStore(self.out / "index", keep=cfg.index.keep_versions)
         self.store.pinned = ckpt.referenced_index_versions(self.out / "checkpoints")  # resumable versions stay
@@ -328,7 +329,9 @@ class Trainer:
                 "optimizer_state_numel": sum(int(t.numel()) for t in opt_state),
                 "local_param_bytes": local_bytes,
                 "optimizer_class": type(getattr(self.optimizer, "optimizer", self.optimizer)).__name__,
-                "optimizer_state_bytes": sum(int(t.numel()) * t.element_size() for t in opt_state)}
+                "optimizer_state_bytes": sum(int(t.numel()) * t.element_size() for t in opt_state),
+                # KB-encode calls so far (every refresh); "dummy": ZeRO-3 lock-step calls of a rank whose slice ran out
+                "encode_batches": dict(self._encode_calls)}
         d = self.out / "ranks"
         d.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(d / f"rank_{D.rank()}.json", json.dumps(info))
@@ -464,6 +467,7 @@ class Trainer:
         for _ in tqdm(range(D.n_batches(n, D.world(), bs)), desc=f"encode KB ({n} passages)",
                       disable=not self.is_main):
             pos, ids, mask = next(batches, (None, dummy["input_ids"], dummy["attention_mask"]))
+            self._encode_calls["dummy" if pos is None else "real"] += 1
             with self.accelerator.autocast():
                 emb = enc(ids.to(device), mask.to(device))
             if pos is not None:
@@ -605,9 +609,8 @@ class Trainer:
         n_gen = len(examples) if max_generate < 0 else min(max_generate, len(examples))
         rag = self.unwrapped
 
-        def search(q, questions, k):
-            res = self.search(q, list(questions), k)
-            return res["scores"].numpy(), res["ids"].numpy()
+        def search(q, questions, k):  # stored vectors of the hits: p(z|x) in modes with a frozen context encoder
+            return self.search(q, list(questions), k, with_embeddings=not rag.live_context)
 
         records = []
         for part, generate in ((examples[:n_gen], True), (examples[n_gen:], False)):
@@ -617,7 +620,7 @@ class Trainer:
             with self.accelerator.autocast():
                 mine = predict(rag, self.collator, search, self.kb, part[D.rank()::D.world()], n_docs=n_docs,
                                recall_depth=min(max(ec.recall_ks), len(self.kb)), batch_size=ec.batch_size,
-                               num_beams=ec.num_beams, max_new_tokens=ec.max_new_tokens,
+                               num_beams=ec.num_beams, max_new_tokens=ec.max_new_tokens, decoding=ec.decoding,
                                device=self.accelerator.device, synced_gpus=self.is_zero3 and D.world() > 1,
                                show_progress=self.is_main, pad_to_batches=n_b, generate=generate)
             records += [r for p in D.gather_objects(mine) for r in p]
