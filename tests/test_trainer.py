@@ -341,7 +341,8 @@ def test_rerank_keeps_the_live_encoders_top_k_of_the_stale_top_l(tiny_cfg):
     """rag.rerank_top=L: the k passages used are the best k of the index's top L under the *live* context
     encoder (trained since the index was built), not the index's own top k."""
     tr = Trainer(tiny_cfg(**{"rag.mode": "end2end", "rag.n_docs": 3, "rag.rerank_top": 12, "index.refresh_every": 0,
-                             "train.max_steps": 3, "train.context_encoder_lr": 5e-2}))
+                             "index.refresh_at_end": "false", "train.max_steps": 3,
+                             "train.context_encoder_lr": 5e-2}))
     tr.train()
     assert tr.index_version == 1  # stale index: only the live encoder moved
     tr.model.train()
@@ -370,3 +371,21 @@ def test_rerank_config_is_validated(tiny_cfg):
         tiny_cfg(**{"rag.rerank_top": 2})  # n_docs is 3
     with pytest.raises(ConfigError, match="rag.rerank_top: rag.mode=original"):
         tiny_cfg(**{"rag.mode": "original", "rag.rerank_top": 6})
+
+
+@pytest.mark.parametrize("refresh_at_end", [True, False])
+def test_final_index_is_encoded_by_the_exported_context_encoder(tiny_cfg, refresh_at_end):
+    """end2end with refresh_every=0 (and a last refresh before the last step): the export's index holds the final
+    context encoder's vectors -- re-encoded after the last step -- or, opted out, the export has no index."""
+    tr = Trainer(tiny_cfg(**{"rag.mode": "end2end", "index.refresh_every": "0-3:2", "train.max_steps": 3,
+                             "index.refresh_at_end": str(refresh_at_end).lower(), "train.context_encoder_lr": 5e-2}))
+    tr.train()
+    final = tr.out / "final"
+    meta = json.loads((final / "ragtrain.json").read_text())
+    if not refresh_at_end:
+        assert tr.index_version == 2 and not (final / "index").exists()
+        return
+    assert tr.index_version == 3 and tr.last_refresh_step == 3
+    fresh = tr.encode_kb()
+    np.testing.assert_allclose(np.load(final / "index" / "embeddings.npy"), fresh, atol=1e-5)
+    assert meta["index_version"] == 3

@@ -117,6 +117,10 @@ class IndexConfig:
     use_gpu: bool = False
     gpu_fp16: bool = False
     keep_versions: int = 2
+    # modes that train the context encoder: re-encode the KB after the last step when the index predates the final
+    # encoder, so that the final evaluation and the exported index use the exported encoder's vectors; false: keep
+    # the stale index for the final evaluation and export no index (ragtrain eval then re-encodes the KB)
+    refresh_at_end: bool = True
 
 
 @dataclass

@@ -70,3 +70,36 @@ class HybridRetriever:
             out_ids[row, : len(best)] = [p for p, _ in best]
             out_scores[row, : len(best)] = [s for _, s in best]
         return out_scores, out_ids
+
+
+RETRIEVERS = ("dense", "bm25", "hybrid")
+# what an export records so that ``ragtrain eval`` rebuilds the same lexical retriever
+HYBRID_DEFAULTS = {"depth": 50, "rrf_k": 60.0}
+BM25_DEFAULTS = {"stopwords": "en", "text": "{title} {text}"}
+
+
+def bm25_texts(kb) -> list[str]:
+    """The text BM25 indexes for each KB passage (title and text)."""
+    return [BM25_DEFAULTS["text"].format(title=t, text=x) for t, x in zip(kb["title"], kb["text"])]
+
+
+def build_retriever(kind: str, index: DenseIndex | None, kb=None, bm25: BM25Retriever | None = None):
+    """``(retriever, bm25)`` for ``index.retriever=kind``: the BM25 index is built from ``kb`` unless ``bm25`` (one
+    built before, e.g. by the previous refresh: it does not depend on the encoders) is given."""
+    if kind not in RETRIEVERS:
+        raise ValueError(f"unknown retriever {kind!r} (choose from {', '.join(RETRIEVERS)})")
+    dense = DenseRetriever(index) if index is not None else None
+    if kind == "dense":
+        return dense, bm25
+    if bm25 is None:
+        bm25 = BM25Retriever(bm25_texts(kb), stopwords=BM25_DEFAULTS["stopwords"])
+    if kind == "bm25":
+        return bm25, bm25
+    return HybridRetriever(dense, bm25, **HYBRID_DEFAULTS), bm25
+
+
+def retriever_settings(kind: str) -> dict:
+    """Recorded in exports (``ragtrain.json``)."""
+    return {"kind": kind, **({"bm25": BM25_DEFAULTS} if kind != "dense" else {}),
+            **({"hybrid": HYBRID_DEFAULTS} if kind == "hybrid" else {})}
+

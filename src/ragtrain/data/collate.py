@@ -1,7 +1,8 @@
 """Tokenization for the encoders and the generator.
 
 * questions -> question-encoder inputs;
-* (title, text) passages -> context-encoder inputs (``title [SEP] text``, or the text alone when the title is empty);
+* (title, text) passages -> context-encoder inputs: the string ``title [SEP] text`` (or the text alone when the
+  title is empty) through the ordinary tokenizer call (:func:`passage_text`);
 * (question, passage, answer) rows -> generator inputs.  Causal LMs get a left-padded prompt
   ``Context: <title>. <text>\\nQuestion: <q>\\nAnswer:`` followed by `` <answer><eos>`` so that the answer columns
   line up across rows (see :mod:`ragtrain.model.generator`); the passage is truncated, never the question.
@@ -20,6 +21,25 @@ Passage = tuple[str, str]  # (title, text)
 def _titled(title: str, text: str) -> str:
     """``"<title>. <text>"``, or the text alone for a passage without a title."""
     return f"{title}. {text}" if title else text
+
+
+def passage_text(title: str, text: str, sep_token: str | None) -> str:
+    """The string a passage is encoded as: ``"<title> [SEP] <text>"`` (the tokenizer's separator; the same token ids
+    as the pair ``(title, text)``, with one segment, so no ``token_type_ids`` are needed), or the text alone when
+    the passage has no title.  Recorded in exports as ``passage_format``."""
+    if not title:
+        return text
+    return f"{title} {sep_token} {text}" if sep_token else f"{title}. {text}"
+
+
+def passage_format(tokenizer) -> str:
+    return passage_text("{title}", "{text}", tokenizer.sep_token)
+
+
+def passage_ids(tokenizer, titles: Sequence[str], texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Context-encoder ids of each passage (unpadded, truncated at the end: the text, never the title)."""
+    strings = [passage_text(t, x, tokenizer.sep_token) for t, x in zip(titles, texts)]
+    return tokenizer(strings, truncation=True, max_length=max_length).input_ids if strings else []
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,24 +84,9 @@ class RagCollator:
         return {"q_input_ids": enc["input_ids"], "q_attention_mask": enc["attention_mask"]}
 
     def passage_ids(self, titles: list[str], texts: list[str]) -> list[list[int]]:
-        """Unpadded context-encoder ids, the same as :meth:`passages` gives before padding.
-
-        A passage with a title is the pair ``(title, text)``; one without (an empty title) is its text alone,
-        not a pair with an empty first segment."""
-        titled = [i for i, t in enumerate(titles) if t]
-        if len(titled) == len(titles):
-            return self.c_tok(titles, texts, truncation="only_second", max_length=self.max_passage_length).input_ids
-        out: list = [None] * len(titles)
-        if titled:
-            ids = self.c_tok([titles[i] for i in titled], [texts[i] for i in titled], truncation="only_second",
-                             max_length=self.max_passage_length).input_ids
-            for i, row in zip(titled, ids):
-                out[i] = row
-        untitled = [i for i, t in enumerate(titles) if not t]
-        ids = self.c_tok([texts[i] for i in untitled], truncation=True, max_length=self.max_passage_length).input_ids
-        for i, row in zip(untitled, ids):
-            out[i] = row
-        return out
+        """Unpadded context-encoder ids, the same as :meth:`passages` gives before padding: the ordinary tokenizer
+        call on :func:`passage_text` (what ``SentenceTransformer(export).encode(passage_text(...))`` does)."""
+        return passage_ids(self.c_tok, titles, texts, self.max_passage_length)
 
     def pad_passage_ids(self, rows: Sequence[Sequence[int]]) -> dict:
         """Context-encoder batch from unpadded id rows (:meth:`passage_ids`, or the KB token cache)."""

@@ -40,7 +40,7 @@ from ragtrain.eval.evaluate import predict, summarize
 from ragtrain.index.faiss_index import DenseIndex
 from ragtrain.index.refresh import IndexStore, RefreshSchedule
 from ragtrain.model.loading import build_rag_model, export_models
-from ragtrain.retrieval import BM25Retriever, DenseRetriever, HybridRetriever
+from ragtrain.retrieval import build_retriever, retriever_settings
 from ragtrain.train import checkpoint as ckpt
 from ragtrain.train import distributed as D
 
@@ -267,6 +267,13 @@ class Trainer:
             for key in ("validation", "test"):
                 splits[key] = splits[key][: d.max_eval_examples]
         log.info("QA examples: %s", {k: len(v) for k, v in splits.items()})
+        if D.rank() == 0:  # the evaluated questions, as JSONL that `ragtrain eval --data` reads back
+            for key in ("validation", "test"):
+                if splits[key]:
+                    (self.out / "splits").mkdir(parents=True, exist_ok=True)
+                    ckpt.write_text_atomic(self.out / "splits" / f"{key}.jsonl", "".join(
+                        json.dumps({k: ex.get(k) for k in ("id", "question", "answers", "article",
+                                                           "gold_passage_id")}) + "\n" for ex in splits[key]))
         return splits
 
     def _tokenizer_corpus(self) -> list[str]:
@@ -495,15 +502,9 @@ class Trainer:
         self.refresh_seconds += time.time() - t0
 
     def _install(self, index: DenseIndex, emb: np.ndarray) -> None:
-        dense = DenseRetriever(index)
         self.embeddings = emb
-        kind = self.cfg.index.retriever
-        if kind == "dense":
-            self.retriever = dense
-            return
-        if getattr(self, "_bm25", None) is None:
-            self._bm25 = BM25Retriever([f"{t} {x}" for t, x in zip(self.kb["title"], self.kb["text"])])
-        self.retriever = self._bm25 if kind == "bm25" else HybridRetriever(dense, self._bm25)
+        self.retriever, self._bm25 = build_retriever(self.cfg.index.retriever, index, self.kb,
+                                                     getattr(self, "_bm25", None))
 
     # ----------------------------------------------------------------------------------- train
     def train(self) -> dict:
@@ -555,11 +556,29 @@ class Trainer:
             pbar.close()  # ends the bar's line, also when a step raises
         train_seconds = time.time() - t_start
         self._write_rank_info()  # now with optimizer state
+        self._index_at_end()
         final = self.evaluate_and_log("test" if self.splits["test"] else "validation", final=True)
         self.export()
         acc.end_training()
         final.update({"train_seconds": train_seconds, "refresh_seconds": self.refresh_seconds})
         return final
+
+    def _index_at_end(self) -> None:
+        """The final evaluation and the export use an index encoded by the final context encoder: re-encode the KB
+        when the live index predates it (``index.refresh_at_end``), or mark it stale (no index in the export)."""
+        self._stale_index = False
+        if not self.unwrapped.is_trained("context_encoder") or self.last_refresh_step == self.step:
+            return
+        if self.cfg.index.refresh_at_end:
+            log.info("final refresh: the index (v%d, step %d) predates the context encoder of step %d; re-encoding "
+                     "the KB so that the final evaluation and the exported index use the exported encoder",
+                     self.index_version, self.last_refresh_step, self.step)
+            self.refresh_index()
+        else:
+            self._stale_index = True
+            log.warning("index.refresh_at_end=false: the index (step %d) predates the context encoder of step %d; "
+                        "the final evaluation uses it, and the export holds no index (ragtrain eval re-encodes the "
+                        "KB with the exported context encoder)", self.last_refresh_step, self.step)
 
     def _finite(self, value: torch.Tensor, what: str) -> bool:
         """Whether ``value`` is finite on every rank (one agreed answer). A non-finite one is skipped while
@@ -625,6 +644,12 @@ class Trainer:
                                show_progress=self.is_main, pad_to_batches=n_b, generate=generate)
             records += [r for p in D.gather_objects(mine) for r in p]
         return summarize(records, [k for k in ec.recall_ks]), records
+
+    def _eval_settings(self) -> dict:
+        ec = self.cfg.eval
+        return {"n_docs": ec.decode_docs or self.cfg.rag.n_docs, "num_beams": ec.num_beams,
+                "max_new_tokens": ec.max_new_tokens, "decoding": ec.decoding, "batch_size": ec.batch_size,
+                "recall_ks": list(ec.recall_ks)}
 
     def evaluate_and_log(self, split: str, final: bool = False) -> dict:
         examples = self.splits.get(split) or []
@@ -729,8 +754,11 @@ class Trainer:
                                  "max_query_length": self.cfg.model.max_query_length,
                                  "max_passage_length": self.cfg.model.max_passage_length,
                                  "max_prompt_length": self.cfg.model.max_prompt_length,
-                                 "max_answer_length": self.cfg.model.max_answer_length})
-            src = self.store.current_dir()
+                                 "max_answer_length": self.cfg.model.max_answer_length,
+                                 # what the in-training evaluation did, so that `ragtrain eval` does the same
+                                 "retriever": retriever_settings(self.cfg.index.retriever),
+                                 "eval": self._eval_settings()})
+            src = None if getattr(self, "_stale_index", False) else self.store.current_dir()
             if src is not None:
                 shutil.copytree(src, tmp / "index", copy_function=_link_or_copy)
             ckpt.replace_dir(tmp, final)  # the previous export stays whole until the new one is in place
