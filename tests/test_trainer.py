@@ -389,3 +389,29 @@ def test_final_index_is_encoded_by_the_exported_context_encoder(tiny_cfg, refres
     fresh = tr.encode_kb()
     np.testing.assert_allclose(np.load(final / "index" / "embeddings.npy"), fresh, atol=1e-5)
     assert meta["index_version"] == 3
+
+
+def test_exported_encoders_load_in_sentence_transformers_and_give_the_index_vectors(tiny_cfg):
+    """`SentenceTransformer(final/context_encoder).encode(passage_format.format(...))` = the exported index's
+    vectors; the question encoder = the vectors training searched with (mean pooling + L2 normalisation here)."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from ragtrain.data.kb import load_kb
+
+    tr = Trainer(tiny_cfg(**{"rag.mode": "end2end", "train.max_steps": 2, "model.pooling": "mean",
+                             "model.normalize": "true", "train.context_encoder_lr": 5e-2}))
+    tr.train()
+    final = tr.out / "final"
+    meta = json.loads((final / "ragtrain.json").read_text())
+    kb = load_kb(meta["kb_dir"])
+    fmt = meta["passage_format"]
+    texts = [fmt.format(title=t, text=x) if t else x for t, x in zip(kb["title"], kb["text"])]
+    st = sentence_transformers.SentenceTransformer(str(final / "context_encoder"), device="cpu")
+    assert st.max_seq_length == tr.cfg.model.max_passage_length
+    np.testing.assert_allclose(st.encode(texts, batch_size=7), np.load(final / "index" / "embeddings.npy"),
+                               atol=1e-5)
+    questions = [ex["question"] for ex in tr.splits["train"][:5]]
+    st_q = sentence_transformers.SentenceTransformer(str(final / "question_encoder"), device="cpu")
+    q_in = tr.collator.questions(questions)
+    with torch.no_grad():
+        ours = tr.unwrapped.encode_questions(q_in["q_input_ids"], q_in["q_attention_mask"]).numpy()
+    np.testing.assert_allclose(st_q.encode(questions), ours, atol=1e-5)

@@ -17,6 +17,7 @@ from typing import Iterable
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from ragtrain.config import ModelConfig, RagConfig
+from ragtrain.data.collate import passage_format
 from ragtrain.model import tiny
 from ragtrain.model.lora import apply_lora, is_lora, merged_copy
 from ragtrain.model.encoders import Encoder
@@ -166,10 +167,43 @@ def export_models(rag: RagModel, tokenizers: Tokenizers, out_dir: Path, state_di
             hf_model, sub_sd = merged_copy(hf_model), None
         hf_model.save_pretrained(out_dir / name, state_dict=sub_sd, safe_serialization=True)
         getattr(tokenizers, tok_attr).save_pretrained(out_dir / name)
+    extra = extra or {}
+    fmt = passage_format(tokenizers.context)
+    for name, max_len, text_format in (("question_encoder", extra.get("max_query_length", 512), "{question}"),
+                                       ("context_encoder", extra.get("max_passage_length", 512), fmt)):
+        write_sentence_transformers_files(out_dir / name, getattr(rag, name), max_len, text_format)
     meta = {"pooling": rag.question_encoder.pooling, "normalize": rag.question_encoder.normalize,
+            "passage_format": fmt, "query_format": "{question}",
             "is_seq2seq": rag.generator.is_seq2seq, "loss_type": rag.loss_type, "n_docs": rag.n_docs,
-            "mode": rag.mode, "retrieval_temperature": rag.retrieval_temperature, **(extra or {})}
+            "mode": rag.mode, "retrieval_temperature": rag.retrieval_temperature, **extra}
     (out_dir / "ragtrain.json").write_text(json.dumps(meta, indent=2))
+
+
+def write_sentence_transformers_files(path: Path, encoder: Encoder, max_seq_length: int, text_format: str) -> bool:
+    """Make an exported encoder folder load with ``SentenceTransformer(path)`` and give ragtrain's vectors:
+    modules.json (Transformer -> Pooling [-> Normalize]), sentence_bert_config.json (max_seq_length) and the
+    pooling config.  ``text_format`` (e.g. ``"{title} [SEP] {text}"``) is how ragtrain formats the input string;
+    it goes into the folder's ``ragtrain_encoder.json``.  ``pooling=pooler`` has no sentence-transformers
+    equivalent: nothing is written (False)."""
+    (path / "ragtrain_encoder.json").write_text(json.dumps(
+        {"pooling": encoder.pooling, "normalize": encoder.normalize, "max_seq_length": max_seq_length,
+         "input_format": text_format}, indent=2))
+    if encoder.pooling not in ("cls", "mean"):
+        return False
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if encoder.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (path / "2_Normalize").mkdir(exist_ok=True)
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                 "do_lower_case": False}, indent=2))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": encoder.dim, "pooling_mode_cls_token": encoder.pooling == "cls",
+         "pooling_mode_mean_tokens": encoder.pooling == "mean", "pooling_mode_max_tokens": False,
+         "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+    return True
 
 
 def load_exported(path: Path, mode: str | None = None) -> tuple[RagModel, Tokenizers, dict]:
