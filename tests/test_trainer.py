@@ -415,3 +415,50 @@ def test_exported_encoders_load_in_sentence_transformers_and_give_the_index_vect
     with torch.no_grad():
         ours = tr.unwrapped.encode_questions(q_in["q_input_ids"], q_in["q_attention_mask"]).numpy()
     np.testing.assert_allclose(st_q.encode(questions), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("retriever,mode,loss_type", [("dense", "end2end", "sequence"), ("bm25", "original", "sequence"),
+                                                      ("hybrid", "original", "token")])
+def test_ragtrain_eval_reproduces_the_runs_own_final_evaluation(tiny_cfg, retriever, mode, loss_type, capsys):
+    """`ragtrain eval --checkpoint final --data OUTPUT_DIR/splits/test.jsonl`, with no other option, prints the same
+    metrics as the run's last metrics.jsonl row: same retriever, p(z|x) (mode, temperature), decoding, index."""
+    from ragtrain import cli
+
+    tr = Trainer(tiny_cfg(**{"rag.mode": mode, "index.retriever": retriever, "rag.loss_type": loss_type,
+                             "rag.retrieval_temperature": 0.5, "index.refresh_every": 0, "train.max_steps": 3,
+                             "eval.recall_ks": "1,3", "eval.max_new_tokens": 3, "eval.batch_size": 3}))
+    tr.train()
+    last = [json.loads(x) for x in (tr.out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["split"] == "test"
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(tr.out / "final"), "--data", str(tr.out / "splits" / "test.jsonl"),
+                     "--predictions", str(tr.out / "cli_predictions.jsonl")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = ("n", "n_generated", "em", "f1", "bleu", "rougeL", "recall@1", "recall@3", "mrr")
+    assert {k: report[k] for k in keys} == {k: last[k] for k in keys}
+    ours = [json.loads(x) for x in (tr.out / "predictions_test.jsonl").read_text().splitlines()]
+    theirs = [json.loads(x) for x in (tr.out / "cli_predictions.jsonl").read_text().splitlines()]
+    assert [(r["prediction"], r["retrieved_ids"]) for r in theirs] == [(r["prediction"], r["retrieved_ids"]) for r in ours]
+
+
+def test_ragtrain_index_encodes_like_training_without_loading_the_generator(tiny_cfg, monkeypatch, capsys):
+    import transformers
+
+    from ragtrain import cli
+
+    tr = Trainer(tiny_cfg(**{"rag.mode": "end2end", "train.max_steps": 2, "train.context_encoder_lr": 5e-2}))
+    tr.train()
+
+    def no_generator(*a, **k):
+        raise AssertionError("ragtrain index loaded the generator")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_generator)
+    out = tr.out / "reindexed"
+    assert cli.main(["index", "--checkpoint", str(tr.out / "final"), "--kb", str(tr.out / "kb"), "--out", str(out),
+                     "--batch-size", "5", "--device", "cpu"]) == 0
+    new = np.load(out / "v000001" / "embeddings.npy")
+    np.testing.assert_allclose(new, np.load(tr.out / "final" / "index" / "embeddings.npy"), atol=1e-5)
+    capsys.readouterr()
+    assert cli.main(["index", "--checkpoint", str(tr.out / "final"), "--kb", str(tr.out / "kb"), "--out", str(out),
+                     "--device", "cuda:7"]) == 2 or torch.cuda.is_available()
+    assert "--device cuda:7" in capsys.readouterr().err or torch.cuda.is_available()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,21 +23,6 @@ def _cmd_kb(args) -> dict:
     ds, stats = build_kb(args.sources, args.out, passage_words=args.passage_words,
                          skip_bad_rows=args.skip_bad_rows, return_stats=True)
     return {"out": args.out, "passages": len(ds), "documents": stats["documents"], "skipped": stats["skipped"]}
-
-
-def _encode_kb(rag, collator, kb, batch_size: int):
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
-    vecs = []
-    rag.eval()
-    with torch.no_grad():
-        for lo in tqdm(range(0, len(kb), batch_size), desc="encode KB"):
-            rows = kb.select(range(lo, min(lo + batch_size, len(kb))))
-            x = collator.passages(list(zip(rows["title"], rows["text"])))
-            vecs.append(rag.encode_passages(x["input_ids"], x["attention_mask"]).float().numpy())
-    return np.concatenate(vecs)
 
 
 def _load_checkpoint(path: Path):
@@ -54,64 +40,81 @@ def _load_checkpoint(path: Path):
 
 def _cmd_index(args) -> dict:
     from ragtrain.data.kb import load_kb
+    from ragtrain.eval.exported import encode_kb, resolve_device
     from ragtrain.index.faiss_index import DenseIndex
     from ragtrain.index.refresh import IndexStore
+    from ragtrain.model.loading import load_exported_encoder
 
-    rag, collator, _ = _load_checkpoint(Path(args.checkpoint))
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "ragtrain.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: not an exported ragtrain checkpoint (no ragtrain.json)")
+    device = resolve_device(args.device)
+    encoder, tokenizer, meta = load_exported_encoder(ckpt, "context_encoder")  # the generator is not needed
     kb = load_kb(args.kb)
-    emb = _encode_kb(rag, collator, kb, args.batch_size)
+    emb = encode_kb(encoder, tokenizer, kb, meta.get("max_passage_length", 512), args.batch_size, device)
     index = DenseIndex.build(emb, kind=args.kind)
     version = IndexStore(Path(args.out)).publish(index, emb, step=0, extra={"kb": str(args.kb)})
     return {"out": args.out, "version": version, "ntotal": index.ntotal, "dim": index.dim}
 
 
-def _cmd_eval(args) -> dict:
-    import numpy as np
+def _recall_ks(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--recall-ks: expected comma-separated integers >= 1, got {text!r}")
+    return ks
 
+
+def _cmd_eval(args) -> dict:
     from ragtrain.data.kb import load_kb
     from ragtrain.data.qa import load_qa
+    from ragtrain.eval import exported as X
     from ragtrain.eval.evaluate import predict, summarize
     from ragtrain.index.faiss_index import DenseIndex
-    from ragtrain.index.refresh import IndexStore
 
     ckpt = Path(args.checkpoint)
+    if args.predictions:  # found out before the evaluation, not after it
+        parent = Path(args.predictions).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ValueError(f"--predictions {args.predictions}: {parent} is not a writable folder")
+    device = X.resolve_device(args.device)
+    overrides = {"n_docs": args.n_docs, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+                 "decoding": args.decoding, "batch_size": args.batch_size, "recall_ks": _recall_ks(args.recall_ks)}
     rag, collator, meta = _load_checkpoint(ckpt)
+    rag.to(device)
+    settings = X.eval_settings(meta, overrides)
     kb_dir = args.kb or meta.get("kb_dir")
     if not kb_dir:
         raise FileNotFoundError("no --kb given and the checkpoint records none")
     kb = load_kb(kb_dir)
-    if args.index:
-        index, emb, _ = IndexStore(Path(args.index)).load_current()
-    elif not args.kb and (ckpt / "index" / "index.faiss").is_file():
-        index = DenseIndex.load(ckpt / "index")
-        stored = ckpt / "index" / "embeddings.npy"
-        emb = np.load(stored, mmap_mode="r") if stored.is_file() else None
-    else:
-        emb = _encode_kb(rag, collator, kb, args.batch_size)
+    index, emb = X.load_index(ckpt, args.index) if (args.index or not args.kb) else (None, None)
+    if index is None:
+        print(f"ragtrain eval: no index for {kb_dir} in {ckpt}; encoding the KB with the exported context encoder",
+              file=sys.stderr)
+        emb = X.encode_kb(rag.context_encoder, collator.c_tok, kb, collator.max_passage_length,
+                          settings["batch_size"], device)
         index = DenseIndex.build(emb)
     if index.ntotal != len(kb):
         raise ValueError(f"index has {index.ntotal} vectors but the KB {kb_dir} has {len(kb)} passages")
     examples = load_qa(args.data, kb=kb)
     if args.max_examples:
         examples = examples[: args.max_examples]
-    n_docs = args.n_docs or meta["n_docs"]
-    ks = [int(k) for k in args.recall_ks.split(",")]
-
-    def search(q, questions, k):
-        scores, ids = index.search(q.detach().float().numpy(), k)
-        res = {"scores": scores, "ids": ids}
-        if emb is not None:  # stored vectors: p(z|x) of a model trained with a frozen context encoder
-            res["doc_embeddings"] = np.asarray(emb[np.clip(ids, 0, None).reshape(-1)]).reshape(*ids.shape, -1)
-        return res
-
-    records = predict(rag, collator, search, kb, examples, n_docs=n_docs, recall_depth=min(max(ks), len(kb)),
-                      batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                      decoding=args.decoding)
+    kind = args.retriever or meta.get("retriever", {}).get("kind", "dense")
+    ks = settings["recall_ks"]
+    n_docs = settings["n_docs"]
+    if n_docs > len(kb):
+        raise ValueError(f"--n-docs {n_docs}: larger than the knowledge base ({len(kb)} passages)")
+    records = predict(rag, collator, X.make_search(kind, index, emb, kb), kb, examples, n_docs=n_docs,
+                      recall_depth=min(max(ks), len(kb)), batch_size=settings["batch_size"],
+                      num_beams=settings["num_beams"], max_new_tokens=settings["max_new_tokens"],
+                      decoding=settings["decoding"], device=device)
     report = summarize(records, ks)
     if args.predictions:
-        with open(args.predictions, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        X.write_jsonl_atomic(Path(args.predictions), records)
     return report
 
 
@@ -132,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True)
     i.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"])
     i.add_argument("--batch-size", type=int, default=64)
+    i.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N")
 
     t = sub.add_parser("train", help="train (same as python train.py)")
     t.add_argument("--config")
@@ -143,14 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="QA file (jsonl / squad json / .source)")
     e.add_argument("--kb", default="", help="KB dir (default: the one recorded in the checkpoint)")
     e.add_argument("--index", default="", help="index store dir (default: the checkpoint's index, or re-encode)")
-    e.add_argument("--n-docs", type=int, default=0)
-    e.add_argument("--num-beams", type=int, default=1)
-    e.add_argument("--decoding", default="auto", choices=["auto", "fast", "thorough", "token"],
+    e.add_argument("--retriever", default=None, choices=["dense", "bm25", "hybrid"],
+                   help="default: the retriever the run trained with (recorded in the export)")
+    e.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N")
+    # default None: the setting of the run's own evaluation (recorded in the export)
+    e.add_argument("--n-docs", type=int, default=None, help="passages decoded from (default: the run's)")
+    e.add_argument("--num-beams", type=int, default=None)
+    e.add_argument("--decoding", default=None, choices=["auto", "fast", "thorough", "token"],
                    help="auto: RAG-Token decoding for a model trained with loss_type=token, else RAG-Sequence fast")
-    e.add_argument("--max-new-tokens", type=int, default=24)
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--max-examples", type=int, default=0)
-    e.add_argument("--recall-ks", default="1,5,20")
+    e.add_argument("--recall-ks", default=None, help="e.g. 1,5,20 (default: the run's)")
     e.add_argument("--predictions", default="", help="write per-question predictions (JSONL) here")
     return p
 

@@ -223,3 +223,12 @@ def load_exported(path: Path, mode: str | None = None) -> tuple[RagModel, Tokeni
                    loss_type=meta["loss_type"], n_docs=meta["n_docs"],
                    retrieval_temperature=float(meta.get("retrieval_temperature", 1.0)))
     return rag, toks, meta
+
+
+def load_exported_encoder(path: Path, name: str = "context_encoder") -> tuple[Encoder, object, dict]:
+    """One exported encoder (``question_encoder`` / ``context_encoder``) with its tokenizer and the export's
+    metadata, without loading the rest (``ragtrain index`` needs no generator)."""
+    meta = json.loads((path / "ragtrain.json").read_text())
+    enc = Encoder(_auto_encoder(path / name), meta["pooling"], meta["normalize"])
+    return enc, AutoTokenizer.from_pretrained(path / name), meta
+
