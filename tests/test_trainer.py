@@ -462,3 +462,34 @@ def test_ragtrain_index_encodes_like_training_without_loading_the_generator(tiny
     assert cli.main(["index", "--checkpoint", str(tr.out / "final"), "--kb", str(tr.out / "kb"), "--out", str(out),
                      "--device", "cuda:7"]) == 2 or torch.cuda.is_available()
     assert "--device cuda:7" in capsys.readouterr().err or torch.cuda.is_available()
+
+
+def test_logged_losses_are_what_their_names_say(tiny_cfg, monkeypatch):
+    """metrics.jsonl: `loss` = the RAG NLL of the evaluated split (computed directly here), `train_loss` = the mean
+    training loss since the previous evaluation; TensorBoard `train/loss` = the mean over the last log_every steps,
+    with per-token NLL and every learning rate."""
+    logged = []
+    tr = Trainer(tiny_cfg(**{"train.max_steps": 4, "train.log_every": 2, "train.eval_every": 2,
+                             "data.max_eval_examples": 5, "eval.batch_size": 2}))
+    monkeypatch.setattr(tr.accelerator, "log", lambda values, step=None, **kw: logged.append((step, dict(values))))
+    tr.train()
+    steps = {r["step"]: r["loss"] for r in (json.loads(x) for x in (tr.out / "train_log.jsonl").read_text().splitlines())}
+    rows = [json.loads(x) for x in (tr.out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(2, "validation"), (4, "test")]
+    assert rows[0]["train_loss"] == pytest.approx((steps[1] + steps[2]) / 2)
+    assert rows[1]["train_loss"] == pytest.approx((steps[3] + steps[4]) / 2)
+    # the test loss, directly: one forward over all test questions, eval mode
+    rag = tr.unwrapped
+    rag.eval()
+    batch = tr._collate(tr.splits["test"])
+    with torch.no_grad():
+        out = rag(batch["q_input_ids"], batch["q_attention_mask"], tr._make_retrieve(batch), with_gold=False)
+    assert rows[1]["loss"] == pytest.approx(float(out.nll.mean()), rel=1e-5)
+    assert rows[1]["nll_per_token"] == pytest.approx(float(out.nll.sum() / out.n_tokens), rel=1e-5)
+    assert rows[1]["loss"] != pytest.approx(rows[1]["train_loss"], rel=1e-3)
+    train_logs = {step: v for step, v in logged if "train/loss" in v}
+    assert sorted(train_logs) == [1, 2, 4]
+    assert train_logs[4]["train/loss"] == pytest.approx((steps[3] + steps[4]) / 2)
+    assert {"lr/generator", "lr/question_encoder", "lr/context_encoder"} <= set(train_logs[4])
+    assert np.isfinite(train_logs[4]["train/nll_per_token"]) and train_logs[4]["train/perplexity"] > 1
+    assert any("validation/loss" in v and v["validation/loss"] == rows[0]["loss"] for _, v in logged)

@@ -309,6 +309,13 @@ class IndexStore:
                     else:
                         p.unlink(missing_ok=True)
 
+    def discard_all(self) -> None:
+        """Delete every version (a resumed run without a checkpoint starts over from step 0 and rebuilds them,
+        with the same numbers)."""
+        (self.root / CURRENT_FILE).unlink(missing_ok=True)
+        for v in self.versions():
+            shutil.rmtree(self.version_dir(v), ignore_errors=True)
+
     def roll_back(self, version: int) -> None:
         """Make ``version`` current again and delete every later version (resuming from a checkpoint that used
         ``version``: later versions were built after it and are rebuilt, with the same numbers, by the resumed

@@ -54,6 +54,7 @@ class RagOutput:
     retrieval_loss: torch.Tensor  # scalar (0 when off)
     doc_scores: torch.Tensor  # (B, K)
     doc_ids: torch.Tensor  # (B, K)
+    n_tokens: torch.Tensor | None = None  # scalar: answer tokens in the batch (the NLL is summed over them)
 
 
 class RagModel(nn.Module):
@@ -146,4 +147,4 @@ class RagModel(nn.Module):
             if self.retrieval_loss_weight > 0:
                 loss = loss + self.retrieval_loss_weight * retrieval_loss
         return RagOutput(loss=loss, nll=nll, retrieval_loss=retrieval_loss.detach(), doc_scores=doc_scores,
-                         doc_ids=docs["doc_ids"])
+                         doc_ids=docs["doc_ids"], n_tokens=docs["target_mask"].sum().detach())

@@ -212,6 +212,8 @@ class Trainer:
             self.rag, self.optimizer, loader, self.scheduler)
         self.is_zero3 = bool(acc.state.deepspeed_plugin and acc.state.deepspeed_plugin.zero_stage == 3)
         self._encode_calls = {"real": 0, "dummy": 0}
+        self._window = {"loss": 0.0, "n": 0, "nll": 0.0, "tokens": 0.0}  # training loss since the last log row
+        self._window_t0 = 0.0
         self._write_rank_info()
         self.store = IndexStore(self.out / "index", keep=cfg.index.keep_versions)
         self.store.pinned = ckpt.referenced_index_versions(self.out / "checkpoints")  # resumable versions stay
@@ -542,6 +544,13 @@ class Trainer:
                     self._loss_sum += step_loss
                     self._loss_n += 1
                     self._step_losses.append(step_loss)
+                    # the generator NLL summed over answer tokens, all ranks: per-token NLL of the log window
+                    nll_tok = acc.reduce(torch.stack([out.nll.detach().float().sum(),
+                                                      out.n_tokens.float()]).to(acc.device), "sum")
+                    self._window["loss"] += step_loss
+                    self._window["n"] += 1
+                    self._window["nll"] += float(nll_tok[0])
+                    self._window["tokens"] += float(nll_tok[1])
                     if not acc.sync_gradients:
                         continue
                     self.step += 1
@@ -606,10 +615,20 @@ class Trainer:
         self._step_losses = []
         lr = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         if self.step % max(tc.log_every, 1) == 0 or self.step == 1:
-            logs = {"train/loss": self._loss_sum / max(self._loss_n, 1),
+            w = self._window
+            now = time.time()
+            per_token = w["nll"] / max(w["tokens"], 1.0)
+            logs = {"train/loss": w["loss"] / max(w["n"], 1),  # mean over the optimizer steps since the last log
+                    "train/nll_per_token": per_token, "train/perplexity": math.exp(min(per_token, 50.0)),
                     "train/retrieval_loss": float(out.retrieval_loss), "index/version": self.index_version}
             logs.update({f"lr/{k}": v for k, v in lr.items()})
             self.accelerator.log(logs, step=self.step)
+            if self.is_main:
+                rate = w["n"] / max(now - self._window_t0, 1e-9) if self._window_t0 else float("nan")
+                log.info("step %d/%d | loss %.4f | nll/token %.4f | lr %s | %.2f steps/s", self.step, tc.max_steps,
+                         logs["train/loss"], per_token, " ".join(f"{k}={v:.2e}" for k, v in lr.items()), rate)
+            self._window = {"loss": 0.0, "n": 0, "nll": 0.0, "tokens": 0.0}
+            self._window_t0 = now
         if self.schedule and self.schedule.should_refresh(self.step):
             self.refresh_index()
             self.accelerator.log({"index/last_refresh_step": self.last_refresh_step}, step=self.step)
@@ -645,6 +664,37 @@ class Trainer:
             records += [r for p in D.gather_objects(mine) for r in p]
         return summarize(records, [k for k in ec.recall_ks]), records
 
+    @torch.no_grad()
+    def evaluation_loss(self, examples: list[dict]) -> dict:
+        """The training objective on held-out questions (eval mode, teacher forcing with their first answer):
+        ``loss`` = mean per-question RAG NLL (as ``train_loss``, without the retrieval term), ``nll_per_token`` and
+        ``perplexity`` over answer tokens.  Every rank takes every world-th question, padded to equal batch counts."""
+        if not examples:
+            return {}
+        rag = self.unwrapped
+        was_training = rag.training
+        rag.eval()
+        bs = self.cfg.eval.batch_size
+        mine = examples[D.rank()::D.world()]
+        n_b = math.ceil(math.ceil(len(examples) / D.world()) / bs)
+        device = self.accelerator.device
+        total = torch.zeros(3, dtype=torch.float64)  # nll sum, questions, answer tokens
+        for bi in range(n_b):
+            part = mine[bi * bs: (bi + 1) * bs]
+            real = bool(part)
+            batch = self._collate(part or examples[:1])
+            with self.accelerator.autocast():
+                out = rag(batch["q_input_ids"].to(device), batch["q_attention_mask"].to(device),
+                          self._make_retrieve(batch), with_gold=False)
+            if real:
+                total += torch.tensor([float(out.nll.float().sum()), len(part), float(out.n_tokens)],
+                                      dtype=torch.float64)
+        rag.train(was_training)
+        total = self.accelerator.reduce(total.to(device), "sum").cpu() if D.world() > 1 else total
+        per_token = float(total[0] / max(float(total[2]), 1.0))
+        return {"loss": float(total[0] / max(float(total[1]), 1.0)), "nll_per_token": per_token,
+                "perplexity": math.exp(min(per_token, 50.0))}
+
     def _eval_settings(self) -> dict:
         ec = self.cfg.eval
         return {"n_docs": ec.decode_docs or self.cfg.rag.n_docs, "num_beams": ec.num_beams,
@@ -653,12 +703,16 @@ class Trainer:
 
     def evaluate_and_log(self, split: str, final: bool = False) -> dict:
         examples = self.splits.get(split) or []
-        row = {"step": self.step, "split": split, "loss": self._loss_sum / max(self._loss_n, 1),
+        # train_loss: the mean training loss since the previous evaluation; loss / nll_per_token / perplexity: the
+        # RAG NLL of this split's gold answers (teacher forcing), over the questions that get an answer generated
+        row = {"step": self.step, "split": split, "train_loss": self._loss_sum / max(self._loss_n, 1),
                "index_version": self.index_version, "last_refresh_step": self.last_refresh_step}
         self._loss_sum, self._loss_n = 0.0, 0
         if examples:
             ec = self.cfg.eval
-            metrics, records = self.evaluate(examples, ec.max_generate if final else ec.max_generate_in_training)
+            n_gen = ec.max_generate if final else ec.max_generate_in_training
+            row.update(self.evaluation_loss(examples[: len(examples) if n_gen < 0 else n_gen]))
+            metrics, records = self.evaluate(examples, n_gen)
             row.update(metrics)
             if final and self.is_main:
                 ckpt.write_text_atomic(self.out / f"predictions_{split}.jsonl",
@@ -677,7 +731,7 @@ class Trainer:
                 "index_version": self.index_version, "last_refresh_step": self.last_refresh_step,
                 "world_size": D.world(), "mode": self.cfg.rag.mode,
                 # the running loss since the last evaluation (the next metrics row's "loss")
-                "loss_sum": self._loss_sum, "loss_n": self._loss_n}
+                "loss_sum": self._loss_sum, "loss_n": self._loss_n, "log_window": dict(self._window)}
 
     def save_checkpoint(self) -> Path:
         path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.trainer_state(),
@@ -689,7 +743,13 @@ class Trainer:
     def _resume(self) -> bool:
         path = ckpt.latest_checkpoint(self.out / "checkpoints", warn=log.warning)
         if path is None:
-            log.warning("resume=true but no checkpoint under %s; starting fresh", self.out / "checkpoints")
+            log.warning("resume=true but no checkpoint under %s; starting from step 0 (the interrupted attempt's "
+                        "log rows and index versions are discarded)", self.out / "checkpoints")
+            if self.is_main:
+                for name in ("train_log.jsonl", "metrics.jsonl"):
+                    ckpt.trim_jsonl(self.out / name, -1)  # every row, step-0 evaluations too
+                self.store.discard_all()
+            D.barrier()
             return False
         state = ckpt.read_state(path)
         differs = [f"{key}: checkpoint {state.get(key)!r}, this run {now!r}"
@@ -702,6 +762,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.last_refresh_step = state["last_refresh_step"]
         self._loss_sum, self._loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
+        self._window = dict(state.get("log_window", self._window))
         self._undo_next_fetch_rng = self.batch_in_epoch > 0
         version = state["index_version"]
         if self.is_main:
