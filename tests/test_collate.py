@@ -284,3 +284,40 @@ def test_untitled_passages_are_text_alone_not_an_empty_pair(base_tok, enc_tok):
     seq, stok = _collator(base_tok, enc_tok, "bart")
     text = stok.decode(seq._prompt_rows(["Q?"], [[("", "Some text.")]])[0])
     assert "context : some text." in text and ". some" not in text
+
+
+CHAT = ("{% for m in messages %}user {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant{% endif %}")
+
+
+def test_chat_template_wraps_training_and_decoding_prompts_alike(base_tok):
+    g = tiny.generator_tokenizer(base_tok, "llama")
+    g.chat_template = CHAT
+    plain = RagCollator(g, g, g, is_seq2seq=False, max_prompt_length=40)
+    chat = RagCollator(g, g, g, is_seq2seq=False, max_prompt_length=40, chat_template=True)
+    qs, docs, ans = ["What is the capital of France?"], [[("Paris", SENTENCES[0]), ("Rome", SENTENCES[2])]], ["Paris"]
+    train = chat.generator_inputs(qs, docs, ans)
+    prompts = chat.generation_prompts(qs, docs)
+    t = train["target_ids"].shape[1]
+    for row in range(2):  # the training row = the decoding prompt + the answer
+        p_ids = prompts["input_ids"][row][prompts["attention_mask"][row].bool()].tolist()
+        tr_ids = train["gen_input_ids"][row, :-t][train["gen_attention_mask"][row, :-t].bool()].tolist()
+        assert p_ids == tr_ids
+        text = g.decode(p_ids)
+        assert text.startswith("user context") and text.endswith("assistant")
+        assert "answer" not in text.split("question")[-1]  # the assistant header replaces "Answer:"
+    # the answer follows the header without a leading space and ends with eos
+    answer = train["target_ids"][0][train["target_mask"][0].bool()].tolist()
+    assert answer == g("Paris", add_special_tokens=False).input_ids + [g.eos_token_id]
+    assert plain.generation_prompts(qs, docs)["input_ids"].shape != prompts["input_ids"].shape
+    with pytest.raises(ValueError, match="no chat template"):
+        RagCollator(g, g, tiny.generator_tokenizer(base_tok, "llama"), is_seq2seq=False, chat_template=True)
+
+
+def test_decoded_answers_stop_at_the_first_stop_string(base_tok):
+    g = tiny.generator_tokenizer(base_tok, "llama")
+    c = RagCollator(g, g, g, is_seq2seq=False, stop_strings=["question", "who"])
+    ids = g(["paris question what is", "blue sky", "who wrote hamlet"], add_special_tokens=False, padding=True,
+            return_tensors="pt").input_ids
+    assert c.decode(ids) == ["paris", "blue sky", ""]
+    assert RagCollator(g, g, g, is_seq2seq=False).decode(ids)[0] == "paris question what is"

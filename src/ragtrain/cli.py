@@ -34,7 +34,7 @@ def _load_checkpoint(path: Path):
     rag, toks, meta = load_exported(path)
     collator = RagCollator(toks.question, toks.context, toks.generator, is_seq2seq=meta["is_seq2seq"],
                            **{k: meta[k] for k in ("max_query_length", "max_passage_length", "max_prompt_length",
-                                                  "max_answer_length") if k in meta})
+                                                  "max_answer_length", "chat_template", "stop_strings") if k in meta})
     return rag, collator, meta
 
 

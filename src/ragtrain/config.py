@@ -52,6 +52,9 @@ class ModelConfig:
     max_passage_length: int = 128
     max_prompt_length: int = 256
     max_answer_length: int = 32
+    # causal generators: wrap the prompt in the tokenizer's chat template (auto: when it has one; yes; no), the same
+    # in training and decoding; the answer then follows the assistant header and ends with the eos token
+    chat_template: str = "auto"
     dropout: float = -1.0  # >= 0: set every dropout layer of the three models to this rate; < 0: keep
     lora: list[str] = field(default_factory=list)  # sub-models with LoRA: generator, question_encoder, context_encoder
     lora_r: int = 8
@@ -158,6 +161,9 @@ class EvalConfig:
     # auto (token for rag.loss_type=token, else fast) | fast | thorough (RAG-Sequence) | token (RAG-Token, greedy);
     # all use the trained p(z|x) (temperature, live context vectors): see ragtrain.eval.decoding
     decoding: str = "auto"
+    # generation stops at the eos token or at any of these strings; the answer is cut before it (instruct models
+    # otherwise run on past the answer: "... transmission.\nQuestion: ...")
+    stop_strings: list[str] = field(default_factory=lambda: ["\n"])
     max_generate: int = -1  # the final (test) evaluation
     max_generate_in_training: int = -1  # validation evaluations during training (and at step 0)
 
@@ -375,6 +381,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         positive(f"index.{key}", getattr(cfg.index, key))
     positive("eval.num_beams", cfg.eval.num_beams)
     choice("eval.decoding", cfg.eval.decoding, DECODINGS)
+    choice("model.chat_template", cfg.model.chat_template, ("auto", "yes", "no"))
+    if any(not isinstance(x, str) or not x for x in cfg.eval.stop_strings):
+        raise ConfigError(f"eval.stop_strings: must be a list of non-empty strings, got {cfg.eval.stop_strings!r}")
     if resolve_decoding(cfg.eval.decoding, cfg.rag.loss_type) == "token" and cfg.eval.num_beams > 1:
         raise ConfigError(f"eval.num_beams: RAG-Token decoding (eval.decoding={cfg.eval.decoding}, "
                           f"rag.loss_type={cfg.rag.loss_type}) is greedy; set eval.num_beams=1 or eval.decoding=fast")

@@ -58,7 +58,7 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tupl
 class RagCollator:
     def __init__(self, question_tokenizer, context_tokenizer, generator_tokenizer, *, is_seq2seq: bool,
                  max_query_length: int = 64, max_passage_length: int = 128, max_prompt_length: int = 256,
-                 max_answer_length: int = 32):
+                 max_answer_length: int = 32, chat_template: bool = False, stop_strings: Sequence[str] = ()):
         self.q_tok = question_tokenizer
         self.c_tok = context_tokenizer
         self.g_tok = generator_tokenizer
@@ -76,6 +76,23 @@ class RagCollator:
         probe = g("a").input_ids
         self.g_prefix = [g.bos_token_id] if (not is_seq2seq and g.bos_token_id is not None and probe
                                              and probe[0] == g.bos_token_id) else []
+        self.stop_strings = [s for s in stop_strings if s]
+        # the ones the tokenizer can spell stop generation early (transformers' stop_strings); all cut the answer
+        self.generation_stop_strings = [s for s in self.stop_strings
+                                        if s in g.decode(g(s, add_special_tokens=False).input_ids)]
+        self.chat_template = bool(chat_template) and not is_seq2seq
+        self.chat_prefix: list[int] = []
+        self.chat_suffix: list[int] = []
+        if self.chat_template:
+            if not getattr(g, "chat_template", None):
+                raise ValueError("model.chat_template=yes: the generator's tokenizer has no chat template")
+            # the template around one user message, split at the message: prompt = prefix + message + suffix
+            rendered = g.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False,
+                                             add_generation_prompt=True)
+            before, after = rendered.split("\x00")
+            self.chat_prefix = g(before, add_special_tokens=False).input_ids
+            self.chat_suffix = g(after, add_special_tokens=False).input_ids
+            self.g_prefix = []
 
     # ---------------------------------------------------------------------------------- encoders
     def questions(self, questions: Sequence[str]) -> dict:
@@ -103,14 +120,17 @@ class RagCollator:
         if self.is_seq2seq:
             texts = [f"question: {q} context: {_titled(t, x)}" for q, docs in zip(questions, passages) for t, x in docs]
             return self.g_tok(texts, truncation=True, max_length=self.max_prompt_length).input_ids if texts else []
-        q_rows = self.g_tok([f"\nQuestion: {q}\nAnswer:" for q in questions], add_special_tokens=False).input_ids
+        tail = "" if self.chat_template else "\nAnswer:"  # the chat template's assistant header takes its place
+        q_rows = self.g_tok([f"\nQuestion: {q}{tail}" for q in questions], add_special_tokens=False).input_ids
         ctx_rows = iter(self.g_tok([f"Context: {_titled(t, x)}" for docs in passages for t, x in docs],
                                    add_special_tokens=False).input_ids if passages else [])
+        head = self.g_prefix + self.chat_prefix
         rows = []
         for q_ids, docs in zip(q_rows, passages):
-            budget = max(self.max_prompt_length - len(q_ids) - len(self.g_prefix), 0)
+            q_ids = q_ids + self.chat_suffix
+            budget = max(self.max_prompt_length - len(q_ids) - len(head), 0)
             for _ in docs:
-                rows.append((self.g_prefix + next(ctx_rows)[:budget] + q_ids)[-self.max_prompt_length:])
+                rows.append((head + next(ctx_rows)[:budget] + q_ids)[-self.max_prompt_length:])
         return rows
 
     def _answer_ids(self, answers: Sequence[str]) -> list[list[int]]:
@@ -118,7 +138,8 @@ class RagCollator:
             return []
         if self.is_seq2seq:
             return self.g_tok(list(answers), truncation=True, max_length=self.max_answer_length).input_ids
-        rows = self.g_tok([" " + a for a in answers], add_special_tokens=False).input_ids
+        lead = "" if self.chat_template else " "  # the assistant header ends with a newline
+        rows = self.g_tok([lead + a for a in answers], add_special_tokens=False).input_ids
         return [r[: self.max_answer_length - 1] + [self.g_eos] for r in rows]
 
     def generator_inputs(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]],
@@ -148,4 +169,11 @@ class RagCollator:
         return {"input_ids": ids, "attention_mask": mask}
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
-        return [s.strip() for s in self.g_tok.batch_decode(token_ids, skip_special_tokens=True)]
+        """Generated ids -> answers: special tokens dropped, cut before the first stop string, stripped."""
+        out = []
+        for s in self.g_tok.batch_decode(token_ids, skip_special_tokens=True):
+            s = s.lstrip()
+            for stop in self.stop_strings:
+                s = s.split(stop, 1)[0]
+            out.append(s.strip())
+        return out

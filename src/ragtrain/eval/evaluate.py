@@ -94,7 +94,8 @@ def predict(rag: RagModel, collator: RagCollator, search: Search, kb, examples: 
         else:
             gen = rag.generator.generate(prompts["input_ids"], prompts["attention_mask"], num_beams=num_beams,
                                          max_new_tokens=max_new_tokens, pad_token_id=g.pad_token_id,
-                                         eos_token_id=g.eos_token_id, synced_gpus=synced_gpus)
+                                         eos_token_id=g.eos_token_id, synced_gpus=synced_gpus,
+                                         stop_strings=collator.generation_stop_strings, tokenizer=g)
             answers = _sequence_answers(rag, collator, questions, top, collator.decode(gen), doc_lp, decoding,
                                         device)
         if real:

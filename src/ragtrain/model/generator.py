@@ -113,10 +113,13 @@ class Generator(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_beams: int = 1,
                  max_new_tokens: int = 24, pad_token_id: int | None = None, eos_token_id: int | None = None,
-                 synced_gpus: bool = False) -> torch.Tensor:
-        """Greedy (``num_beams=1``) or beam search; returns only the new tokens, (N, <= max_new_tokens)."""
+                 synced_gpus: bool = False, stop_strings=None, tokenizer=None) -> torch.Tensor:
+        """Greedy (``num_beams=1``) or beam search; returns only the new tokens, (N, <= max_new_tokens).
+        ``stop_strings`` (with ``tokenizer``): a row stops once its text contains one (it is cut by the caller)."""
         kwargs = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False,
                       pad_token_id=pad_token_id, eos_token_id=eos_token_id, synced_gpus=synced_gpus)
+        if stop_strings:
+            kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
         if self.is_seq2seq:
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             return out

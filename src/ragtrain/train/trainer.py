@@ -203,7 +203,8 @@ class Trainer:
         self.collator = RagCollator(self.tokenizers.question, self.tokenizers.context, self.tokenizers.generator,
                                     is_seq2seq=self.rag.generator.is_seq2seq, max_query_length=m.max_query_length,
                                     max_passage_length=m.max_passage_length, max_prompt_length=m.max_prompt_length,
-                                    max_answer_length=m.max_answer_length)
+                                    max_answer_length=m.max_answer_length,
+                                    chat_template=self._use_chat_template(), stop_strings=cfg.eval.stop_strings)
         self.optimizer = self._optimizer()
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
         loader = DataLoader(_Examples(self.splits["train"]), batch_size=cfg.train.batch_size, shuffle=True,
@@ -299,6 +300,14 @@ class Trainer:
         except (RuntimeError, ValueError, TypeError) as e:  # a device or dtype the fused kernel lacks
             log.info("fused AdamW unavailable (%s); using the default implementation", e)
             return torch.optim.AdamW(groups)
+
+    def _use_chat_template(self) -> bool:
+        setting = self.cfg.model.chat_template
+        has = bool(getattr(self.tokenizers.generator, "chat_template", None)) and not self.rag.generator.is_seq2seq
+        if setting == "yes" and not has:
+            raise ConfigError("model.chat_template=yes: the generator's tokenizer has no chat template (or the "
+                              "generator is seq2seq); use auto or no")
+        return has if setting == "auto" else setting == "yes"
 
     def _collate(self, examples: list[dict]) -> dict:
         batch = self.collator.questions([e["question"] for e in examples])
@@ -816,6 +825,8 @@ class Trainer:
                                  "max_passage_length": self.cfg.model.max_passage_length,
                                  "max_prompt_length": self.cfg.model.max_prompt_length,
                                  "max_answer_length": self.cfg.model.max_answer_length,
+                                 "chat_template": self.collator.chat_template,
+                                 "stop_strings": list(self.collator.stop_strings),
                                  # what the in-training evaluation did, so that `ragtrain eval` does the same
                                  "retriever": retriever_settings(self.cfg.index.retriever),
                                  "eval": self._eval_settings()})
