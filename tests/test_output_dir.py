@@ -86,20 +86,18 @@ def _boom(*a, **k):
     raise AssertionError("models must not load")
 
 
-@pytest.mark.parametrize("extra, key", [({}, "data.validation"),
-                                        ({"data.split_by_article": "false"}, "data.validation")],
-                         ids=["1-row file, split_by_article", "no evaluation split"])
-def test_qa_without_evaluation_examples_is_an_error_naming_the_file(tmp_path, monkeypatch, extra, key):
+def test_qa_without_evaluation_examples_is_an_error_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "build_rag_model", _boom)
     qa = tmp_path / "one.jsonl"
     qa.write_text(json.dumps({"question": "Which river?", "answers": ["Wend"]}) + "\n")
-    cfg = load_config(None, tiny_overrides(tmp_path / "o", **{"data.train": str(qa), **extra}))
-    with pytest.raises(ConfigError) as exc:
-        T.Trainer(cfg)
-    msg = str(exc.value)
-    assert key in msg and "\n" not in msg
-    if not extra:
-        assert str(qa) in msg
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for extra, named in (({}, qa), ({"data.split_by_article": "false", "data.validation": str(empty)}, empty)):
+        cfg = load_config(None, tiny_overrides(tmp_path / "o", **{"data.train": str(qa), **extra}))
+        with pytest.raises(ConfigError) as exc:
+            T.Trainer(cfg)
+        msg = str(exc.value)
+        assert "data.validation" in msg and str(named) in msg and "\n" not in msg
 
 
 def test_empty_train_split_names_the_file(tmp_path, monkeypatch):

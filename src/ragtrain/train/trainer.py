@@ -280,10 +280,13 @@ class Trainer:
             how = " after split_by_article (too few articles)" if d.split_by_article else ""
             raise ConfigError(f"data.train: no training examples in {d.train}{how}")
         if not splits["validation"] and not splits["test"]:
-            how = (f"split_by_article left none from {len(train)} example(s) in {d.train} (add rows, or give "
-                   "data.validation / data.test)") if d.split_by_article else \
-                "give data.validation / data.test, or data.split_by_article=true"
-            raise ConfigError(f"data.validation: no validation or test examples to evaluate on; {how}")
+            if d.split_by_article or d.validation or d.test:  # evaluation was asked for, and got no question
+                how = (f"split_by_article left none from {len(train)} example(s) in {d.train} (add rows, or give "
+                       "data.validation / data.test)") if d.split_by_article else \
+                    f"{d.validation or d.test} holds none"
+                raise ConfigError(f"data.validation: no validation or test examples to evaluate on; {how}")
+            # no split configured at all (e.g. a speed run): train without evaluation, and say so
+            log.warning("no data.validation, data.test or data.split_by_article: the run is not evaluated")
         if d.max_eval_examples:
             for key in ("validation", "test"):
                 splits[key] = splits[key][: d.max_eval_examples]
