@@ -53,3 +53,19 @@ def tiny_cfg(tmp_path):
         return load_config(None, tiny_overrides(tmp_path / sub, **extra))
 
     return make
+
+
+TRAINED_RUN = {"index.refresh_every": 2, "train.eval_every": 2, "train.max_steps": 5, "train.save_every": 2,
+               "train.keep_checkpoints": 3}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One finished tiny run (5 steps; refreshes, evaluations and checkpoints every 2 steps), shared read-only:
+    tests that move or change it work on a copy."""
+    from ragtrain.config import load_config
+    from ragtrain.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    Trainer(load_config(None, tiny_overrides(out, **TRAINED_RUN))).train()
+    return out

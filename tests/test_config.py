@@ -68,3 +68,80 @@ def test_every_shipped_recipe_parses(recipe):
 def test_yaml_no_is_a_string_for_string_keys(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "o") + ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.passage_stride=61", "data.passage_stride"),  # tiny_overrides: passage_words 60
+    ("data.passage_stride=-1", "data.passage_stride"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints"),
+    ("train.report_to=tensorbored", "train.report_to"),
+    ("train.report_to=", "train.report_to"),
+    ("overwrite=maybe", "overwrite"),
+])
+def test_new_keys_are_validated(tmp_path, override, key):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, tiny_overrides(tmp_path / "o") + [override])
+    assert key in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_resume_and_overwrite_together_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="overwrite"):
+        load_config(None, tiny_overrides(tmp_path / "o", resume="true", overwrite="true"))
+
+
+def test_report_to_accepts_none_all_and_lists(tmp_path):
+    from ragtrain.config import report_to_trackers
+
+    for value, want in (("none", []), ("tensorboard", ["tensorboard"]), ("all", ["all"])):
+        cfg = load_config(None, tiny_overrides(tmp_path / "o", **{"train.report_to": value}))
+        assert report_to_trackers(cfg.train.report_to) == want
+    assert report_to_trackers("tensorboard, wandb") == ["tensorboard", "wandb"]
+
+
+def test_every_config_key_has_a_help_line():
+    """The help is generated from the dataclasses: a key added without a help line (or a stale line) fails here."""
+    from ragtrain.config import HELP, config_keys
+
+    keys = [k for k, _, _ in config_keys()]
+    assert len(keys) == len(set(keys)) > 70
+    assert set(keys) == set(HELP), set(keys) ^ set(HELP)
+    assert all(HELP[k].strip() and "\n" not in HELP[k] for k in keys)
+
+
+@pytest.mark.parametrize("argv", [[str(ROOT / "train.py"), "--help"], ["-m", "ragtrain.cli", "train", "--help"]],
+                         ids=["train.py", "ragtrain train"])
+def test_train_help_lists_every_key_with_type_default_and_meaning(argv):
+    import subprocess
+    import sys
+
+    from ragtrain.config import HELP, config_keys
+
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("    ") and line.split()}
+    for key, tp, default in config_keys():
+        assert key in lines, key
+        assert f" {tp} (default " in lines[key] and HELP[key] in lines[key], lines[key]
+    assert "train.max_steps  " in lines["train.max_steps"] and "(default 100)" in lines["train.max_steps"]
+    assert "(default tensorboard)" in lines["train.report_to"] and "(default [1,5,20])" in lines["eval.recall_ks"]
+
+
+def test_config_command_prints_the_resolved_config(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = ROOT / "launch" / "recipes" / "tiny-cpu.yaml"
+    proc = subprocess.run([sys.executable, "-m", "ragtrain.cli", "config", "--recipe", str(recipe), "rag.n_docs=2",
+                           "train.keep_checkpoints=5"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    want = load_config(recipe, ["rag.n_docs=2", "train.keep_checkpoints=5"], check_files=False).to_dict()
+    assert printed == want and printed["rag"]["n_docs"] == 2 and printed["model"]["tiny_hidden"] == 64
+    assert printed["data"]["passage_stride"] == 0  # defaults the recipe leaves out are printed too
+    bad = subprocess.run([sys.executable, "-m", "ragtrain.cli", "config", "--recipe", str(recipe), "rag.n_docz=2"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stdout == ""
+    err = bad.stderr.strip().splitlines()
+    assert len(err) == 1 and "rag.n_docz" in err[0]

@@ -388,3 +388,72 @@ def test_non_string_title_is_still_a_bad_row(tmp_path: Path) -> None:
     with pytest.raises(DataError) as exc:
         build_kb(path)
     assert_one_line_error(exc, "kb.jsonl", "row 1", "'title' must be a string")
+
+
+# ----------------------------------------------------------------------------------------------
+# overlapping passages (data.passage_stride) and plain datasets folders
+# ----------------------------------------------------------------------------------------------
+
+
+def test_split_words_with_stride_gives_overlapping_windows() -> None:
+    assert split_words(words(7), 4, 2) == ["w0 w1 w2 w3", "w2 w3 w4 w5", "w4 w5 w6"]
+    assert split_words(words(6), 4, 2) == ["w0 w1 w2 w3", "w2 w3 w4 w5"]  # no window past the last word
+    assert split_words(words(7), 4, 4) == split_words(words(7), 4) == split_words(words(7), 4, 0)
+    assert split_words(words(250), 100, 50)[-1] == " ".join(f"w{i}" for i in range(150, 250))
+    with pytest.raises(ValueError, match="stride"):
+        split_words(words(7), 4, 5)
+
+
+def test_answer_straddling_a_boundary_is_whole_in_an_overlapping_passage(tmp_path: Path) -> None:
+    """DPR-style 100-word windows every 50 words: an answer cut by the 100-word boundary (words 98-102) is
+    wholly inside a passage; without overlap it is in none, and the SQuAD gold passage (by answer_start) is the
+    one that holds it."""
+    from ragtrain.data.qa import load_qa
+
+    text = words(98) + " the grand old river bank " + words(100, "z")
+    answer = "the grand old river bank"
+    path = tmp_path / "kb.json"
+    path.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [{"context": text, "qas": [
+        {"id": "q1", "question": "where?", "answers": [{"text": answer, "answer_start": text.index(answer)}]}]}]}]}))
+    plain = build_kb(path, passage_words=100)
+    assert not any(answer in t for t in plain["text"])
+    kb = build_kb(tmp_path / "kb.json", tmp_path / "kb_dir", passage_words=100, passage_stride=50)
+    holding = [i for i, t in enumerate(kb["text"]) if answer in t]
+    assert holding and all(len(t.split()) <= 100 for t in kb["text"])
+    assert [len(t.split()) for t in kb["text"]] == [100, 100, 100, 53]  # starts 0, 50, 100, 150 of 203 words
+    for row in kb:  # char_start still points at each window's first word
+        assert text[row["char_start"]:].startswith(row["text"].split()[0])
+    (ex,) = load_qa(path, kb=kb)
+    assert ex["gold_passage_id"] in holding
+
+
+def test_passage_stride_is_validated(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    with pytest.raises(DataError, match="passage_stride"):
+        build_kb(write_jsonl(tmp_path / "kb.jsonl", docs), passage_words=3, passage_stride=4)
+
+
+def test_kb_cli_passage_stride(tmp_path: Path) -> None:
+    from ragtrain.cli import main
+
+    src = write_jsonl(tmp_path / "kb.jsonl", [{"title": "A", "text": words(10)}])
+    assert main(["kb", str(src), "--out", str(tmp_path / "kb"), "--passage-words", "4", "--passage-stride", "3"]) == 0
+    assert load_kb(tmp_path / "kb")["text"] == ["w0 w1 w2 w3", "w3 w4 w5 w6", "w6 w7 w8 w9"]
+
+
+def test_plain_datasets_folder_is_a_kb(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_dict({"title": ["A", "B"], "text": ["x y", "u v w"]}).save_to_disk(str(tmp_path / "plain"))
+    kb = load_kb(tmp_path / "plain")
+    assert kb.column_names == list(KB_COLUMNS)
+    assert kb["id"] == [0, 1] and kb["text"] == ["x y", "u v w"] and kb["title"] == ["A", "B"]
+    assert kb["doc_id"] == ["plain:0", "plain:1"] and kb["char_start"] == [0, 0]
+    # DPR's psgs_w100 layout: string ids (kept as doc_id), no title needed; a one-split DatasetDict
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"id": ["17", "4"], "text": ["a", "b"]})})
+    dd.save_to_disk(str(tmp_path / "dpr"))
+    kb = load_kb(tmp_path / "dpr")
+    assert kb["doc_id"] == ["17", "4"] and kb["id"] == [0, 1] and kb["title"] == ["", ""]
+    datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "notext"))
+    with pytest.raises(DataError, match="no 'text' column") as exc:
+        load_kb(tmp_path / "notext")
+    assert_one_line_error(exc, str(tmp_path / "notext"))

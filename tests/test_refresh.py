@@ -204,3 +204,21 @@ def test_stale_temp_dirs_are_cleaned(tmp_path):
     store.publish(idx, emb, step=1)
     assert not stale.exists()
     assert store.current_version() == 1
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_published_versions_follow_the_umask(tmp_path, umask, dir_mode, file_mode):
+    """A version folder is made by mkdtemp (always 0700) and CURRENT by mkstemp (0600): both get the modes that
+    mkdir / open would give under the umask, so another user of the group can read a shared run's index."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        store = IndexStore(tmp_path / "store")
+        emb = np.random.default_rng(0).standard_normal((5, 4)).astype("float32")
+        v = store.publish(DenseIndex.build(emb), emb, step=0)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(store.version_dir(v).stat().st_mode) == dir_mode
+    assert stat.S_IMODE((tmp_path / "store" / "CURRENT").stat().st_mode) == file_mode

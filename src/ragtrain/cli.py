@@ -1,9 +1,13 @@
-"""``ragtrain`` command line: ``kb`` (ingest), ``index`` (encode + build), ``train``, ``eval``.
+"""``ragtrain`` command line: ``kb`` (ingest), ``index`` (encode + build), ``train``, ``eval``, ``ask``, ``config``,
+``plot``.
 
-    ragtrain kb data/kb.csv data/more.jsonl --out kb_dir --passage-words 100
+    ragtrain kb data/kb.csv data/more.jsonl --out kb_dir --passage-words 100 [--passage-stride 50]
     ragtrain index --checkpoint runs/x/final --kb kb_dir --out index_dir
-    ragtrain train --config launch/recipes/tiny-cpu.yaml output_dir=runs/x
+    ragtrain train --config launch/recipes/tiny-cpu.yaml output_dir=runs/x     (--help lists every config key)
     ragtrain eval --checkpoint runs/x/final --data qa.jsonl [--kb kb_dir] [--n-docs 5]
+    ragtrain ask --checkpoint runs/x/final "a question"  (or questions on stdin, one per line) [--json] [--top 3]
+    ragtrain config --recipe launch/recipes/tiny-cpu.yaml [key=value ...]      (prints the resolved config)
+    ragtrain plot runs/x                                                       (writes runs/x/curves.png)
 
 Bad input exits with status 2 and a one-line ``error: ...`` naming the file, row or key.
 """
@@ -21,7 +25,7 @@ def _cmd_kb(args) -> dict:
     from ragtrain.data.kb import build_kb
 
     ds, stats = build_kb(args.sources, args.out, passage_words=args.passage_words,
-                         skip_bad_rows=args.skip_bad_rows, return_stats=True)
+                         skip_bad_rows=args.skip_bad_rows, return_stats=True, passage_stride=args.passage_stride)
     return {"out": args.out, "passages": len(ds), "documents": stats["documents"], "skipped": stats["skipped"]}
 
 
@@ -90,6 +94,10 @@ def _cmd_eval(args) -> dict:
     kb_dir = args.kb or meta.get("kb_dir")
     if not kb_dir:
         raise FileNotFoundError("no --kb given and the checkpoint records none")
+    if not args.kb:
+        from ragtrain.model.loading import resolve_kb_dir
+
+        kb_dir = resolve_kb_dir(ckpt, kb_dir)
     kb = load_kb(kb_dir)
     index, emb = X.load_index(ckpt, args.index) if (args.index or not args.kb) else (None, None)
     if index is None:
@@ -118,6 +126,32 @@ def _cmd_eval(args) -> dict:
     return report
 
 
+def _cmd_ask(args) -> None:
+    from ragtrain.ask import Asker, format_answer, read_questions
+
+    questions = read_questions(args.questions, sys.stdin)
+    asker = Asker(args.checkpoint, kb=args.kb or None, index=args.index or None, n_docs=args.n_docs,
+                  decoding=args.decoding, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    results = asker.ask(questions, top=args.top)
+    for r in results:
+        print(json.dumps(r) if args.json else format_answer(r) + "\n", flush=True)
+
+
+def _cmd_config(args) -> None:
+    import yaml
+
+    from ragtrain.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides, check_files=not args.no_check_files)
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _cmd_plot(args) -> dict:
+    from ragtrain.plot import plot_run
+
+    return {"out": str(plot_run(args.run_dir, args.out or None))}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragtrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("sources", nargs="+")
     k.add_argument("--out", required=True)
     k.add_argument("--passage-words", type=int, default=100)
+    k.add_argument("--passage-stride", type=int, default=0,
+                   help="words between passage starts (< --passage-words: overlapping windows); 0 = --passage-words")
     k.add_argument("--skip-bad-rows", action="store_true")
 
     i = sub.add_parser("index", help="encode a KB with an exported context encoder and build a FAISS index")
@@ -137,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, default=64)
     i.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N")
 
-    t = sub.add_parser("train", help="train (same as python train.py)")
+    t = sub.add_parser("train", help="train (same as python train.py; --help lists every config key)",
+                       add_help=False)
     t.add_argument("--config")
     t.add_argument("--deepspeed", default="")
     t.add_argument("overrides", nargs="*")
@@ -160,26 +197,49 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-examples", type=int, default=0)
     e.add_argument("--recall-ks", default=None, help="e.g. 1,5,20 (default: the run's)")
     e.add_argument("--predictions", default="", help="write per-question predictions (JSONL) here")
+
+    a = sub.add_parser("ask", help="answer questions with an exported run: top passages with scores + the answer")
+    a.add_argument("questions", nargs="*", help="question(s); none: read them from stdin, one per line")
+    a.add_argument("--checkpoint", required=True, help="exported dir (OUTPUT_DIR/final)")
+    a.add_argument("--top", type=int, default=3, help="passages shown per question")
+    a.add_argument("--json", action="store_true", help="one JSON object per question")
+    a.add_argument("--kb", default="", help="KB dir (default: the one recorded in the checkpoint)")
+    a.add_argument("--index", default="", help="index store dir (default: the checkpoint's own index)")
+    a.add_argument("--n-docs", type=int, default=0, help="passages the answer is decoded from (0 = the run's n_docs)")
+    a.add_argument("--decoding", default="auto", choices=["auto", "fast", "thorough", "token"])
+    a.add_argument("--num-beams", type=int, default=1)
+    a.add_argument("--max-new-tokens", type=int, default=24)
+
+    c = sub.add_parser("config", help="print the fully resolved config (YAML) after validation")
+    c.add_argument("--recipe", "--config", dest="recipe", default=None, help="YAML recipe (launch/recipes/*.yaml)")
+    c.add_argument("--no-check-files", action="store_true", help="skip the checks that data/model paths exist")
+    c.add_argument("overrides", nargs="*", help="key=value overrides")
+
+    pl = sub.add_parser("plot", help="draw a run's loss and evaluation curves (index refreshes marked)")
+    pl.add_argument("run_dir", help="a run's output_dir")
+    pl.add_argument("--out", default="", help="image path (default RUN_DIR/curves.png)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # train.py's own parser: the same options, and its --help lists every config key
+        from ragtrain.train.run import main as train_main
+
+        return train_main(argv[1:], prog="ragtrain train")
     args = build_parser().parse_args(argv)
     from ragtrain.config import ConfigError
     from ragtrain.data.errors import DataError
 
-    if args.command == "train":
-        from ragtrain.train.run import main as train_main
-
-        argv2 = (["--config", args.config] if args.config else []) + \
-                (["--deepspeed", args.deepspeed] if args.deepspeed else []) + args.overrides
-        return train_main(argv2)
+    commands = {"kb": _cmd_kb, "index": _cmd_index, "eval": _cmd_eval, "ask": _cmd_ask, "config": _cmd_config,
+                "plot": _cmd_plot}
     try:
-        result = {"kb": _cmd_kb, "index": _cmd_index, "eval": _cmd_eval}[args.command](args)
+        result = commands[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    if result is not None:
+        print(json.dumps(result))
     return 0
 
 

@@ -73,9 +73,10 @@ class ModelConfig:
 class DataConfig:
     """Knowledge base and question-answer data."""
 
-    kb: list[str] = field(default_factory=list)  # source files (csv/tsv/jsonl/squad) or a built KB dir
+    kb: list[str] = field(default_factory=list)  # source files (csv/tsv/jsonl/squad) or one built KB dir
     kb_dir: str = ""  # where the built KB is stored; default OUTPUT_DIR/kb
     passage_words: int = 100
+    passage_stride: int = 0  # words between passage starts (< passage_words: overlapping windows); 0 = passage_words
     skip_bad_rows: bool = False
     train: str = ""  # QA file (jsonl / squad json / train.source)
     validation: str = ""  # optional; empty with split_by_article -> carved out of `train`
@@ -141,7 +142,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"
     eval_every: int = 0  # 0 = only at the end
-    save_every: int = 0  # 0 = no intermediate checkpoints
+    save_every: int = 0  # 0 = no checkpoints; N: every N steps and at max_steps
+    keep_checkpoints: int = 2  # newest complete checkpoints kept (0 = all)
+    report_to: str = "tensorboard"  # Accelerate trackers: none | all | comma list of tensorboard, wandb, mlflow, ...
     log_every: int = 10
     num_workers: int = 0
     deepspeed_config: str = ""  # path to a ds_configs/*.json (or set by the launcher)
@@ -173,6 +176,7 @@ class Config:
     output_dir: str = "runs/default"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # clear a previous run's logs, checkpoints, index and export in output_dir first
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rag: RagConfig = field(default_factory=RagConfig)
@@ -352,6 +356,13 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError(f"rag.rerank_top: rag.mode={cfg.rag.mode} freezes the context encoder, so re-ranking "
                           "with it would return the index's own order; set it to 0")
     positive("data.passage_words", cfg.data.passage_words)
+    if not 0 <= cfg.data.passage_stride <= cfg.data.passage_words:
+        raise ConfigError(f"data.passage_stride: must be between 0 (= data.passage_words) and data.passage_words "
+                          f"({cfg.data.passage_words}), got {cfg.data.passage_stride}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("overwrite: resume=true continues the run in output_dir, overwrite=true clears it; "
+                          "choose one")
+    _check_report_to(cfg.train.report_to)
     positive("train.skip_nonfinite", cfg.train.skip_nonfinite, allow_zero=True)
     if cfg.eval.decode_docs < 0 or cfg.eval.decode_docs > cfg.rag.n_docs:
         raise ConfigError(f"eval.decode_docs: must be between 0 (= rag.n_docs) and rag.n_docs ({cfg.rag.n_docs}), "
@@ -374,7 +385,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         positive(f"model.{key}", getattr(cfg.model, key))
     for key in ("batch_size", "gradient_accumulation_steps", "max_steps"):
         positive(f"train.{key}", getattr(cfg.train, key))
-    for key in ("eval_every", "save_every", "log_every", "warmup_steps", "num_workers",
+    for key in ("eval_every", "save_every", "keep_checkpoints", "log_every", "warmup_steps", "num_workers",
                 "generator_lr", "question_encoder_lr", "context_encoder_lr", "weight_decay", "max_grad_norm"):
         positive(f"train.{key}", getattr(cfg.train, key), allow_zero=True)
     for key in ("encode_batch_size", "nlist", "nprobe", "hnsw_m", "keep_versions"):
@@ -413,6 +424,11 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         for i, src in enumerate(cfg.data.kb):
             if not Path(src).exists():
                 raise ConfigError(f"data.kb[{i}]: file not found: {src}")
+            if Path(src).is_dir() and len(cfg.data.kb) > 1:
+                raise ConfigError(f"data.kb[{i}]: {src} is a directory (a built KB); it must be the only entry "
+                                  "of data.kb")
+            if Path(src).is_dir() and cfg.data.kb_dir:
+                raise ConfigError(f"data.kb_dir: data.kb names the built KB {src}; leave data.kb_dir empty")
         if cfg.data.kb_dir and not cfg.data.kb and not Path(cfg.data.kb_dir).is_dir():
             raise ConfigError(f"data.kb_dir: directory not found: {cfg.data.kb_dir}")
         for key in ("train", "validation", "test"):
@@ -426,6 +442,12 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             if value and not value.startswith("tiny:") and not Path(value).is_dir():
                 raise ConfigError(f"model.{key}: not a local model folder: {value} "
                                   "(models load from disk only; use tiny:<family> for a random tiny model)")
+        import importlib.util
+
+        for name in report_to_trackers(cfg.train.report_to):
+            modules = ("tensorboard", "tensorboardX") if name == "tensorboard" else (name,)
+            if name != "all" and not any(importlib.util.find_spec(m) for m in modules):
+                raise ConfigError(f"train.report_to: {name} is not installed (pip install {name}), or drop it")
         if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():
             raise ConfigError(f"train.deepspeed_config: file not found: {cfg.train.deepspeed_config}")
 
@@ -436,3 +458,162 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, path)
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def report_to_trackers(value: str) -> list[str]:
+    """``train.report_to`` -> the tracker names for Accelerate's ``log_with`` (``[]`` for ``none``)."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if names == ["none"]:
+        return []
+    return names
+
+
+def _check_report_to(value: str) -> None:
+    names = report_to_trackers(value)
+    if not names and value.strip() != "none":
+        raise ConfigError("train.report_to: empty (use none to log nowhere but metrics.jsonl)")
+    for name in names:
+        if name == "all" and len(names) == 1:
+            continue
+        if name not in TRACKERS:
+            raise ConfigError(f"train.report_to: unknown tracker {name!r} (choose none, all, or a comma list of "
+                              f"{', '.join(TRACKERS)})")
+
+
+# ------------------------------------------------------------------------------------------ help text
+# One line per key: what `train.py --help` / `ragtrain train --help` print (tests/test_config.py checks that every
+# field of the dataclasses above has one, and no more).
+HELP: dict[str, str] = {
+    "output_dir": "run folder: logs, checkpoints, index versions, the final export",
+    "seed": "random seed (models, data order, splits)",
+    "resume": "continue from output_dir/checkpoints/latest",
+    "overwrite": "output_dir holds a previous run: clear its logs, checkpoints, index and export first "
+                 "(without it, or resume, a re-run is refused)",
+    "model.question_encoder": "local HF model folder, or tiny:bert (random tiny model, tokenizer trained on the KB)",
+    "model.context_encoder": "local HF model folder or tiny:<family>; empty = same initialisation as the question "
+                             "encoder",
+    "model.generator": "local HF causal LM or seq2seq folder, or tiny:llama / tiny:bart / tiny:t5",
+    "model.generator_type": "auto | causal | seq2seq",
+    "model.pooling": "encoder vector: pooler | cls | mean",
+    "model.normalize": "L2-normalise question and passage vectors",
+    "model.max_query_length": "question tokens (encoder)",
+    "model.max_passage_length": "passage tokens (encoder and prompt; the passage is truncated, never the question)",
+    "model.max_prompt_length": "generator prompt tokens (question + passage)",
+    "model.max_answer_length": "answer tokens in training",
+    "model.dropout": ">= 0: set every dropout layer of the three models to this rate; < 0: keep the models' own",
+    "model.lora": "sub-models trained with LoRA adapters: generator, question_encoder, context_encoder",
+    "model.lora_r": "LoRA rank",
+    "model.lora_alpha": "LoRA alpha (scaling)",
+    "model.lora_dropout": "LoRA dropout",
+    "model.lora_target_modules": "LoRA target module names; empty = per-architecture defaults",
+    "model.gradient_checkpointing": "sub-models whose activations are recomputed in the backward pass (less "
+                                    "memory, ~1/3 more compute)",
+    "model.tiny_hidden": "hidden size of tiny:<family> models",
+    "model.tiny_layers": "layers of tiny:<family> models",
+    "model.tiny_vocab": "vocabulary of the tokenizer trained for tiny:<family> models",
+    "data.kb": "KB source files (csv/tsv/jsonl/SQuAD json, .gz ok), or one built KB dir (ragtrain kb, or a "
+               "datasets save_to_disk folder with title/text columns)",
+    "data.kb_dir": "where the KB built from data.kb is stored (rebuilt only when sources change); default "
+                   "output_dir/kb",
+    "data.passage_words": "words per passage",
+    "data.passage_stride": "words between passage starts; < passage_words gives overlapping (DPR-style) windows; "
+                           "0 = passage_words (no overlap)",
+    "data.skip_bad_rows": "skip and count bad KB/QA rows instead of stopping",
+    "data.train": "training QA file (jsonl / SQuAD json / train.source)",
+    "data.validation": "validation QA file (optional with split_by_article)",
+    "data.test": "test QA file (optional with split_by_article)",
+    "data.split_by_article": "split data.train by article into train/validation/test",
+    "data.split_fractions": "train/validation/test fractions for split_by_article",
+    "data.max_eval_examples": "evaluate on at most this many questions (0 = all)",
+    "rag.mode": "end2end | original | generator_only | retriever_only (which sub-models train)",
+    "rag.loss_type": "sequence (RAG-Sequence) | token (RAG-Token)",
+    "rag.n_docs": "passages retrieved per question",
+    "rag.retrieval_loss_weight": "weight of the in-batch contrastive loss against the gold passage (0 = off)",
+    "rag.retrieval_temperature": "p(z|x) = softmax(q.c / temperature)",
+    "rag.generator_buckets": "> 1: generator rows in this many length-sorted forward calls (less padding)",
+    "rag.rerank_top": ">= n_docs: retrieve this many, keep the n_docs the live context encoder scores best; 0 = off",
+    "index.retriever": "dense | bm25 | hybrid (lexical ones need rag.mode=original or generator_only)",
+    "index.kind": "flat (exact) | ivf | hnsw",
+    "index.refresh_every": "re-encode the KB and rebuild the index: 0 never, N every N steps, or "
+                           "\"0-1000:100,1000-:500\"",
+    "index.encode_batch_size": "passages per KB-encoding batch",
+    "index.nlist": "IVF lists",
+    "index.nprobe": "IVF lists probed per search",
+    "index.hnsw_m": "HNSW neighbours per node",
+    "index.use_gpu": "build and search the index on GPUs (faiss-gpu)",
+    "index.gpu_fp16": "GPU index in fp16",
+    "index.keep_versions": "index versions kept on disk (those a checkpoint uses are kept too)",
+    "train.batch_size": "questions per device per micro-batch",
+    "train.gradient_accumulation_steps": "micro-batches per optimizer step",
+    "train.max_steps": "optimizer steps",
+    "train.generator_lr": "AdamW learning rate of the generator",
+    "train.question_encoder_lr": "AdamW learning rate of the question encoder",
+    "train.context_encoder_lr": "AdamW learning rate of the context encoder",
+    "train.weight_decay": "AdamW weight decay",
+    "train.warmup_steps": "linear warm-up steps (then linear decay to 0)",
+    "train.max_grad_norm": "gradient clipping norm (0 = off)",
+    "train.mixed_precision": "auto (bf16 on GPUs that support it, fp32 on CPUs) | no | fp16 | bf16",
+    "train.eval_every": "validation every N steps (0 = only at the end)",
+    "train.save_every": "checkpoint every N steps and at max_steps (0 = none)",
+    "train.keep_checkpoints": "newest checkpoints kept on disk (0 = all)",
+    "train.report_to": "trackers: tensorboard | wandb | mlflow | ... (comma list) | all | none",
+    "train.log_every": "log the running loss to the trackers every N steps",
+    "train.num_workers": "DataLoader workers",
+    "train.deepspeed_config": "DeepSpeed JSON (ds_configs/*.json), or set by the launcher",
+    "train.process_group_timeout_s": "how long a collective waits for a dead rank",
+    "train.skip_nonfinite": "NaN/inf loss or gradient-norm steps skipped before the run stops (0 = stop at the first)",
+    "eval.num_beams": "beams per (question, passage) candidate",
+    "eval.max_new_tokens": "answer tokens generated",
+    "eval.batch_size": "questions per evaluation batch",
+    "eval.recall_ks": "k of the recall@k metrics",
+    "eval.decode_docs": "answers decoded from the top N passages (0 = rag.n_docs)",
+    "eval.decoding": "auto | fast | thorough (RAG-Sequence) | token (RAG-Token, greedy)",
+    "eval.max_generate": "final evaluation: questions given a generated answer (-1 all, 0 retrieval only)",
+    "eval.max_generate_in_training": "evaluations during training: questions given a generated answer (-1 all, 0 "
+                                     "retrieval only)",
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Union:
+        return "|".join(_type_name(a) for a in get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Every leaf key of the config tree: ``(dotted key, type name, default)``, in declaration order."""
+    out = []
+    hints = get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += config_keys(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, _type_name(tp), getattr(defaults, f.name)))
+    return out
+
+
+def keys_help() -> str:
+    """The text block ``--help`` prints: every key with its type, default and meaning, one line each."""
+    lines = ["config keys (override any as key=value; YAML scalars; lists as a,b,c):"]
+    rows = config_keys()
+    width = max(len(k) for k, _, _ in rows)
+    section = None
+    for key, tp, default in rows:
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            lines.append(f"  [{head}]" if head else "  [top level]")
+        if isinstance(default, list):
+            shown = "[" + ",".join(map(str, default)) + "]"
+        else:
+            shown = '""' if default == "" else str(default).lower() if isinstance(default, bool) else str(default)
+        lines.append(f"    {key:<{width}}  {tp} (default {shown}): {HELP.get(key, '')}")
+    return "\n".join(lines)

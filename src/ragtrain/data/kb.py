@@ -11,8 +11,10 @@ to the generator without a title line). A SQuAD article without a title is named
 wherever an article must be named (``doc_id``, article-level splits).
 
 Every document (row / SQuAD paragraph) is cut into passages of ``passage_words`` whitespace words
-(the last one may be shorter); each passage keeps its document's title. The resulting dataset has
-the columns of :data:`KB_FEATURES`:
+(the last one may be shorter); each passage keeps its document's title. With ``passage_stride`` <
+``passage_words`` the passages are DPR-style overlapping windows starting every ``passage_stride`` words (the
+last window ends at the document's last word), so an answer of up to ``passage_words - passage_stride + 1``
+words lies wholly inside some passage. The resulting dataset has the columns of :data:`KB_FEATURES`:
 
 ``id``          int64, 0..N-1 in ingestion order (stable across runs for the same inputs)
 ``title``       the document title
@@ -97,22 +99,37 @@ def word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in _WORD_RE.finditer(text)]
 
 
-def split_words(text: str, n_words: int) -> list[str]:
-    """Cut ``text`` into consecutive chunks of ``n_words`` whitespace words (joined by one space).
+def _window_starts(n: int, n_words: int, stride: int | None) -> list[int]:
+    """First-word indices of the windows of ``n_words`` words over ``n`` words, every ``stride`` words
+    (``None``/0 = ``n_words``: consecutive chunks); no window starts once one has reached the last word."""
+    if n_words < 1:
+        raise ValueError(f"n_words must be >= 1, got {n_words}")
+    stride = stride or n_words
+    if not 1 <= stride <= n_words:
+        raise ValueError(f"stride must be between 1 and n_words ({n_words}), got {stride}")
+    starts = []
+    for i in range(0, n, stride):
+        starts.append(i)
+        if i + n_words >= n:
+            break
+    return starts
+
+
+def split_words(text: str, n_words: int, stride: int | None = None) -> list[str]:
+    """Cut ``text`` into chunks of ``n_words`` whitespace words (joined by one space), one starting every
+    ``stride`` words (default ``n_words``: consecutive, no overlap).
 
     The last chunk may be shorter; empty or all-whitespace text gives ``[]``.
     """
-    if n_words < 1:
-        raise ValueError(f"n_words must be >= 1, got {n_words}")
     words = _WORD_RE.findall(text)
-    return [" ".join(words[i : i + n_words]) for i in range(0, len(words), n_words)]
+    return [" ".join(words[i : i + n_words]) for i in _window_starts(len(words), n_words, stride)]
 
 
-def _chunk(text: str, n_words: int) -> list[tuple[str, int]]:
+def _chunk(text: str, n_words: int, stride: int | None = None) -> list[tuple[str, int]]:
     """Like :func:`split_words` but also returns each chunk's first-word character offset."""
     spans = word_spans(text)
     out = []
-    for i in range(0, len(spans), n_words):
+    for i in _window_starts(len(spans), n_words, stride):
         group = spans[i : i + n_words]
         out.append((" ".join(text[s:e] for s, e in group), group[0][0]))
     return out
@@ -441,7 +458,8 @@ def _as_paths(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     return paths
 
 
-def _fill(sink: _Sink, paths: list[Path], fmt: str | None, passage_words: int, skip_bad_rows: bool) -> dict[str, Any]:
+def _fill(sink: _Sink, paths: list[Path], fmt: str | None, passage_words: int, skip_bad_rows: bool,
+          passage_stride: int | None = None) -> dict[str, Any]:
     stats: dict[str, Any] = {"documents": 0, "passages": 0, "skipped": 0, "skipped_rows": [], "sources": []}
     for path in paths:
         source_fmt = detect_format(path, fmt)
@@ -457,7 +475,7 @@ def _fill(sink: _Sink, paths: list[Path], fmt: str | None, passage_words: int, s
                         stats["skipped_rows"].append(f"{path} {item.where}: {item.reason}")
                     continue
                 n_docs += 1
-                for passage, char_start in _chunk(item.text, passage_words):
+                for passage, char_start in _chunk(item.text, passage_words, passage_stride):
                     sink.add(item.title, passage, item.doc_id, char_start)
         if n_skipped:
             logger.warning("%s: skipped %d bad row(s) (first: %s)", path, n_skipped, stats["skipped_rows"][0])
@@ -516,6 +534,7 @@ def build_kb(
     skip_bad_rows: bool = ...,
     fmt: str | None = ...,
     return_stats: Literal[False] = ...,
+    passage_stride: int | None = ...,
 ) -> datasets.Dataset: ...
 
 
@@ -528,6 +547,7 @@ def build_kb(
     fmt: str | None = ...,
     *,
     return_stats: Literal[True],
+    passage_stride: int | None = ...,
 ) -> tuple[datasets.Dataset, dict[str, Any]]: ...
 
 
@@ -538,6 +558,7 @@ def build_kb(
     skip_bad_rows: bool = False,
     fmt: str | None = None,
     return_stats: bool = False,
+    passage_stride: int | None = None,
 ) -> datasets.Dataset | tuple[datasets.Dataset, dict[str, Any]]:
     """Ingest one or more source files into a passage dataset (see the module docstring).
 
@@ -550,6 +571,7 @@ def build_kb(
         passage_words: words per passage.
         skip_bad_rows: skip (and count) bad rows instead of raising :class:`DataError`.
         fmt: force the format of every source (``csv``, ``tsv``, ``jsonl`` or ``squad``).
+        passage_stride: words between passage starts (``None``/0 = ``passage_words``, no overlap).
         return_stats: also return a stats dict with ``documents``, ``passages``, ``skipped``,
             ``skipped_rows`` (first 20 messages) and per-source ``sources``.
 
@@ -558,12 +580,15 @@ def build_kb(
     """
     if isinstance(passage_words, bool) or not isinstance(passage_words, int) or passage_words < 1:
         raise DataError(f"passage_words must be a positive integer, got {passage_words!r}")
+    if passage_stride is not None and not 0 <= passage_stride <= passage_words:
+        raise DataError(f"passage_stride must be between 0 (= passage_words) and passage_words ({passage_words}), "
+                        f"got {passage_stride!r}")
     paths = _as_paths(sources)
 
     if out_dir is None:
         sink = _Sink(None)
         try:
-            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows)
+            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows, passage_stride)
             table = sink.finish()
         finally:
             sink.close()
@@ -580,7 +605,7 @@ def build_kb(
     try:
         sink = _Sink(tmp / "passages.arrow")
         try:
-            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows)
+            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows, passage_stride)
             sink.finish()
         finally:
             sink.close()
@@ -610,7 +635,13 @@ def build_kb(
 
 
 def load_kb(path: str | os.PathLike[str]) -> datasets.Dataset:
-    """Load a KB saved by :func:`build_kb` (memory-mapped Arrow via ``datasets.load_from_disk``)."""
+    """Load a KB saved by :func:`build_kb` (memory-mapped Arrow via ``datasets.load_from_disk``).
+
+    A plain ``datasets`` folder (``save_to_disk``, a Dataset or a one-split DatasetDict) with a string ``text``
+    column is accepted too, one passage a row, as is (not re-cut): a missing ``title`` is empty, ``doc_id`` is the
+    row's own ``id`` when that is not already the row number (DPR's ``psgs_w100``), else ``<folder>:<row>``;
+    ``id`` becomes the row number and ``char_start`` 0. The added columns live in memory; the folder is never
+    written to."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: knowledge base directory not found")
@@ -621,12 +652,44 @@ def load_kb(path: str | os.PathLike[str]) -> datasets.Dataset:
     except (FileNotFoundError, ValueError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{p}: not a saved knowledge base ({first})") from None
-    if not isinstance(ds, datasets.Dataset):
-        raise DataError(f"{p}: holds a DatasetDict, not a knowledge base Dataset")
-    missing = [c for c in KB_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{p}: not a knowledge base (missing column(s) {', '.join(missing)})")
-    return ds
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(f"{p}: holds a DatasetDict with splits {', '.join(ds)}; save the one split that is "
+                            "the knowledge base")
+        ds = next(iter(ds.values()))
+    if all(c in ds.column_names for c in KB_COLUMNS):
+        return ds
+    return _adopt_plain(ds, p)
+
+
+def _adopt_plain(ds: datasets.Dataset, p: Path) -> datasets.Dataset:
+    """A plain dataset with ``text`` (optional ``title``, ``id``) -> the :data:`KB_COLUMNS` layout (see load_kb)."""
+    import numpy as np
+
+    feats = ds.features
+    for col in ("text", "title"):
+        if col not in feats:
+            if col == "text":
+                raise DataError(f"{p}: not a knowledge base (no 'text' column; columns: {', '.join(ds.column_names)})")
+            continue
+        if feats[col] != datasets.Value("string") and feats[col] != datasets.Value("large_string"):
+            raise DataError(f"{p}: column {col!r} must hold strings, holds {feats[col]}")
+    n = len(ds)
+    row_ids = np.arange(n, dtype=np.int64)
+    keep = [c for c in ("title", "text") if c in feats]
+    out = ds.select_columns(keep)
+    if "title" not in feats:
+        out = out.add_column("title", [""] * n)
+    if "doc_id" in feats:
+        doc_ids = [str(x) for x in ds["doc_id"]]
+    elif "id" in feats and ds["id"] != row_ids.tolist():
+        doc_ids = [str(x) for x in ds["id"]]
+    else:
+        doc_ids = [f"{p.name}:{i}" for i in range(n)]
+    out = out.add_column("doc_id", doc_ids)
+    out = out.add_column("id", row_ids)
+    out = out.add_column("char_start", np.zeros(n, dtype=np.int64))
+    return out.select_columns(list(KB_COLUMNS))
 
 
 def kb_stats(kb: datasets.Dataset, batch_size: int = 50_000) -> dict[str, Any]:

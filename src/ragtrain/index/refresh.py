@@ -151,6 +151,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
@@ -237,6 +243,7 @@ class IndexStore:
 
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_version_name(version)}-", dir=self.root))
         try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a published version is readable as mkdir's
             index.save(tmp)
             with open(tmp / EMBEDDINGS_FILE, "wb") as f:
                 np.save(f, np.ascontiguousarray(emb, dtype=np.float32))
@@ -275,6 +282,7 @@ class IndexStore:
     def _write_current(self, version: int) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{CURRENT_FILE}-", dir=self.root)
         try:
+            os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it 0600
             with os.fdopen(fd, "w") as f:
                 f.write(_version_name(version) + "\n")
                 f.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -232,3 +233,16 @@ def load_exported_encoder(path: Path, name: str = "context_encoder") -> tuple[En
     enc = Encoder(_auto_encoder(path / name), meta["pooling"], meta["normalize"])
     return enc, AutoTokenizer.from_pretrained(path / name), meta
 
+def resolve_kb_dir(export_dir: Path, recorded: str) -> Path:
+    """The KB folder an export recorded in ``ragtrain.json``'s ``kb_dir``: a relative path is read against the
+    export folder (the trainer writes one when the KB lies inside the run folder, so a moved run keeps working);
+    an absolute path that no longer exists falls back to the folder of the same name beside the export (an older
+    export of a run that was moved since)."""
+    p = Path(recorded)
+    if not p.is_absolute():
+        return Path(os.path.normpath(Path(export_dir) / p))
+    if not p.exists():
+        beside = Path(export_dir).parent / p.name
+        if beside.is_dir():
+            return beside
+    return p

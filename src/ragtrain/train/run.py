@@ -5,12 +5,14 @@ import json
 import os
 import sys
 
-from ragtrain.config import ConfigError, load_config
+from ragtrain.config import ConfigError, keys_help, load_config
 from ragtrain.data.errors import DataError
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a RAG system end to end (see train.py)", formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, prog="train.py"):
+    p = argparse.ArgumentParser(prog=prog, description="Train a RAG system end to end: generator + question "
+                                "encoder + context encoder, with index refresh (README: Quick start).",
+                                epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML recipe (launch/recipes/*.yaml)")
     p.add_argument("--deepspeed", default="", help="DeepSpeed JSON config (set by the deepspeed launcher)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -18,8 +20,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog="train.py") -> int:
+    args = parse_args(argv, prog)
     overrides = list(args.overrides)
     if args.deepspeed:
         overrides.append(f"train.deepspeed_config={args.deepspeed}")

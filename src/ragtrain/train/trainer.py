@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ragtrain.config import Config, ConfigError, dump_config
+from ragtrain.config import Config, ConfigError, dump_config, report_to_trackers
 from ragtrain.data.collate import RagCollator
 from ragtrain.data.kb import build_kb, load_kb
 from ragtrain.data.kb_tokens import PassageTokens
@@ -150,7 +150,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # own replica with no gradient all-reduce
         kwargs["cpu"] = True
     return Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps, mixed_precision=mp,
-                       log_with="tensorboard", project_dir=cfg.output_dir, kwargs_handlers=handlers,
+                       log_with=report_to_trackers(tc.report_to) or None, project_dir=cfg.output_dir,
+                       kwargs_handlers=handlers,
                        # the LR schedule counts optimizer steps, whatever the number of processes (accelerate
                        # would otherwise advance it num_processes times per step)
                        step_scheduler_with_optimizer=False,
@@ -158,8 +159,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
                        **kwargs)
 
 
-def _fingerprint(sources: list[str], passage_words: int) -> str:
+def _fingerprint(sources: list[str], passage_words: int, passage_stride: int = 0) -> str:
     h = hashlib.sha256(str(passage_words).encode())
+    if passage_stride and passage_stride != passage_words:  # no overlap keeps the fingerprint it always had
+        h.update(f"stride={passage_stride}".encode())
     for s in sources:
         st = os.stat(s)
         h.update(f"{os.path.abspath(s)}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -186,8 +189,15 @@ class Trainer:
         self.is_main = acc.is_main_process
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        previous = previous_run(self.out) if not cfg.resume else []
+        if previous and not cfg.overwrite:
+            raise ConfigError(f"output_dir: {self.out} holds a previous run ({', '.join(previous)}); pass "
+                              "resume=true to continue it, overwrite=true to replace it, or another output_dir")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if previous:
+                clear_previous_run(self.out)
+                log.info("overwrite=true: removed the previous run's %s from %s", ", ".join(previous), self.out)
             for p in ckpt.sweep_stale(self.out):
                 log.info("removed %s left by an interrupted run", p)
             dump_config(cfg, self.out / "config.yaml")
@@ -231,7 +241,7 @@ class Trainer:
         self._loss_n = 0
         self._step_losses: list[float] = []
         self._metrics_path = self.out / "metrics.jsonl"
-        if self.is_main:
+        if self.is_main and acc.log_with:
             acc.init_trackers("tensorboard", config=_flat_hparams(cfg))
         resumed = cfg.resume and self._resume()
         if not resumed:
@@ -241,14 +251,19 @@ class Trainer:
     def _prepare_kb(self):
         cfg = self.cfg.data
         kb_dir = Path(cfg.kb_dir) if cfg.kb_dir else self.out / "kb"
+        if len(cfg.kb) == 1 and Path(cfg.kb[0]).is_dir():  # a built KB (ragtrain kb / save_to_disk): used as is
+            self.kb_dir = Path(cfg.kb[0])
+            return load_kb(self.kb_dir)
+        self.kb_dir = kb_dir
         if cfg.kb:
-            fp = _fingerprint(cfg.kb, cfg.passage_words)
+            fp = _fingerprint(cfg.kb, cfg.passage_words, cfg.passage_stride)
             stamp = kb_dir / "ragtrain_sources.json"
             if self.is_main:
                 current = json.loads(stamp.read_text()).get("fingerprint") if stamp.is_file() else None
                 if current != fp:
                     log.info("building knowledge base from %s into %s", ", ".join(cfg.kb), kb_dir)
-                    build_kb(cfg.kb, kb_dir, passage_words=cfg.passage_words, skip_bad_rows=cfg.skip_bad_rows)
+                    build_kb(cfg.kb, kb_dir, passage_words=cfg.passage_words, skip_bad_rows=cfg.skip_bad_rows,
+                             passage_stride=cfg.passage_stride)
                     ckpt.write_text_atomic(stamp, json.dumps({"fingerprint": fp, "sources": cfg.kb}))
             D.barrier()
         return load_kb(kb_dir)
@@ -265,7 +280,16 @@ class Trainer:
             if getattr(d, key):
                 splits[key] = load_qa(getattr(d, key), **kw)
         if not splits["train"]:
-            raise ConfigError(f"data.train: no training examples in {d.train}")
+            how = " after split_by_article (too few articles)" if d.split_by_article else ""
+            raise ConfigError(f"data.train: no training examples in {d.train}{how}")
+        if not splits["validation"] and not splits["test"]:
+            if d.split_by_article or d.validation or d.test:  # evaluation was asked for, and got no question
+                how = (f"split_by_article left none from {len(train)} example(s) in {d.train} (add rows, or give "
+                       "data.validation / data.test)") if d.split_by_article else \
+                    f"{d.validation or d.test} holds none"
+                raise ConfigError(f"data.validation: no validation or test examples to evaluate on; {how}")
+            # no split configured at all (e.g. a speed run): train without evaluation, and say so
+            log.warning("no data.validation, data.test or data.split_by_article: the run is not evaluated")
         if d.max_eval_examples:
             for key in ("validation", "test"):
                 splits[key] = splits[key][: d.max_eval_examples]
@@ -578,6 +602,8 @@ class Trainer:
         final = self.evaluate_and_log("test" if self.splits["test"] else "validation", final=True)
         self.export()
         acc.end_training()
+        if self.is_main:
+            self.plot()
         final.update({"train_seconds": train_seconds, "refresh_seconds": self.refresh_seconds})
         return final
 
@@ -643,7 +669,7 @@ class Trainer:
             self.accelerator.log({"index/last_refresh_step": self.last_refresh_step}, step=self.step)
         if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
             self.evaluate_and_log("validation")
-        if tc.save_every and self.step % tc.save_every == 0:
+        if tc.save_every and (self.step % tc.save_every == 0 or self.step >= tc.max_steps):
             self.save_checkpoint()
 
     # -------------------------------------------------------------------------------- evaluate
@@ -744,7 +770,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.trainer_state(),
-                                    self.accelerator.save_state, is_main=self.is_main, barrier=D.barrier)
+                                    self.accelerator.save_state, is_main=self.is_main, barrier=D.barrier,
+                                    keep=self.cfg.train.keep_checkpoints)
         self.store.pinned = ckpt.referenced_index_versions(self.out / "checkpoints")
         log.info("checkpoint written: %s", path)
         return path
@@ -810,6 +837,18 @@ class Trainer:
             yield first
         yield from it
 
+    def plot(self) -> Path | None:
+        """``OUTPUT_DIR/curves.png`` (:func:`ragtrain.plot.plot_run`); a failure is a warning, never the run's."""
+        try:
+            from ragtrain.plot import plot_run
+
+            path = plot_run(self.out)
+        except Exception as e:  # noqa: BLE001 - a missing font or backend must not fail a finished run
+            log.warning("could not draw %s: %s", self.out / "curves.png", str(e).splitlines()[0] if str(e) else e)
+            return None
+        log.info("training curves: %s", path)
+        return path
+
     def export(self) -> Path:
         """``OUTPUT_DIR/final/{question_encoder,context_encoder,generator}`` (+ the live index), atomically."""
         acc = self.accelerator
@@ -819,7 +858,7 @@ class Trainer:
             tmp = self.out / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             export_models(self.unwrapped, self.tokenizers, tmp, state_dict=state_dict,
-                          extra={"kb_dir": str(Path(self.kb.cache_files[0]["filename"]).parent),
+                          extra={"kb_dir": kb_dir_for_export(self.kb_dir, self.out, final),
                                  "index_version": self.index_version, "step": self.step,
                                  "max_query_length": self.cfg.model.max_query_length,
                                  "max_passage_length": self.cfg.model.max_passage_length,
@@ -837,6 +876,41 @@ class Trainer:
             log.info("exported models to %s", final)
         D.barrier()
         return final
+
+
+# what a run leaves in its output_dir (config.yaml and the KB cache are not a run's results: kept)
+RUN_OUTPUTS = ("train_log.jsonl", "metrics.jsonl", "checkpoints", "final", "index", "tensorboard", "ranks",
+               "curves.png", "predictions_validation.jsonl", "predictions_test.jsonl")
+# ...and those that show it trained (a start that failed before its first step leaves only ranks/index/tensorboard,
+# which a new run replaces or adds to harmlessly)
+RUN_EVIDENCE = ("train_log.jsonl", "metrics.jsonl", "checkpoints", "final")
+
+
+def previous_run(out: Path) -> list[str]:
+    """What a previous run that trained left in ``out`` (empty: nothing to refuse or clear)."""
+    return [name for name in RUN_EVIDENCE if (out / name).exists()]
+
+
+def clear_previous_run(out: Path) -> None:
+    """``overwrite=true``: move every previous-run output into one ``.overwritten.tmp-*`` folder (renames: the
+    run folder never holds a mix of old and new), then delete it (a kill mid-delete leaves a folder that the next
+    start-up's :func:`~ragtrain.train.checkpoint.sweep_stale` removes)."""
+    trash = out / f".overwritten.tmp-{os.getpid()}"
+    trash.mkdir()
+    for name in RUN_OUTPUTS:
+        if (out / name).exists():
+            os.replace(out / name, trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def kb_dir_for_export(kb_dir: Path, run_dir: Path, export_dir: Path) -> str:
+    """The KB path recorded in ``ragtrain.json``: relative to the export folder when the KB lies inside the run
+    folder (the run stays usable when moved), absolute otherwise (:func:`ragtrain.model.loading.resolve_kb_dir`
+    reads it back)."""
+    kb, run = Path(os.path.abspath(kb_dir)), Path(os.path.abspath(run_dir))
+    if kb == run or run in kb.parents:
+        return os.path.relpath(kb, os.path.abspath(export_dir))
+    return str(kb)
 
 
 def _link_or_copy(src, dst):

@@ -1,0 +1,112 @@
+"""``ragtrain ask``: put questions to an exported run and show what it retrieves and answers.
+
+    ragtrain ask --checkpoint runs/tiny/final "Which river flows through the town?"
+    printf 'first question\\nsecond question\\n' | ragtrain ask --checkpoint runs/tiny/final --json
+
+The export is loaded once (models, its index ``final/index`` and the KB recorded in ``final/ragtrain.json``);
+each question is then one question-encoder call, one FAISS search and one decode -- the KB is never re-encoded.
+Retrieval and decoding are :func:`ragtrain.eval.evaluate.predict`'s, with the run's own p(z|x), so an answer here
+is the answer ``ragtrain eval`` scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ragtrain.data.errors import DataError
+
+
+class Asker:
+    """An exported run, loaded for questions: :meth:`ask` returns per question the answer and the top passages."""
+
+    def __init__(self, checkpoint: str | Path, kb: str | Path | None = None, index: str | Path | None = None,
+                 n_docs: int = 0, decoding: str = "auto", num_beams: int = 1, max_new_tokens: int = 24):
+        from ragtrain.cli import _load_checkpoint
+        from ragtrain.data.kb import load_kb
+        from ragtrain.index.faiss_index import DenseIndex
+        from ragtrain.index.refresh import IndexStore
+        from ragtrain.model.loading import resolve_kb_dir
+
+        ckpt = Path(checkpoint)
+        self.rag, self.collator, self.meta = _load_checkpoint(ckpt)
+        if kb:
+            kb_dir = Path(kb)
+        elif self.meta.get("kb_dir"):
+            kb_dir = resolve_kb_dir(ckpt, self.meta["kb_dir"])
+        else:
+            raise FileNotFoundError(f"{ckpt}/ragtrain.json records no kb_dir; pass --kb")
+        self.kb = load_kb(kb_dir)
+        if index:
+            self.index, self.emb, _ = IndexStore(Path(index)).load_current()
+        elif (ckpt / "index" / "index.faiss").is_file():
+            self.index = DenseIndex.load(ckpt / "index")
+            stored = ckpt / "index" / "embeddings.npy"
+            self.emb = np.load(stored, mmap_mode="r") if stored.is_file() else None
+        else:
+            raise FileNotFoundError(f"{ckpt}/index: the export holds no index; build one with `ragtrain index "
+                                    f"--checkpoint {ckpt} --kb KB --out DIR` and pass --index DIR")
+        if self.index.ntotal != len(self.kb):
+            raise ValueError(f"index has {self.index.ntotal} vectors but the KB {kb_dir} has {len(self.kb)} passages "
+                             "(pass the KB the index was built from with --kb)")
+        self.n_docs = min(n_docs or int(self.meta["n_docs"]), len(self.kb))
+        self.decoding, self.num_beams, self.max_new_tokens = decoding, num_beams, max_new_tokens
+
+    def _search(self, q, questions, k):
+        scores, ids = self.index.search(q.detach().float().numpy(), k)
+        res = {"scores": scores, "ids": ids}
+        if self.emb is not None:  # stored vectors: p(z|x) of a model trained with a frozen context encoder
+            res["doc_embeddings"] = np.asarray(self.emb[np.clip(ids, 0, None).reshape(-1)]).reshape(*ids.shape, -1)
+        return res
+
+    def ask(self, questions: Sequence[str], top: int = 3, batch_size: int = 8) -> list[dict]:
+        """``[{"question", "answer", "passages": [{"rank", "id", "score", "title", "text"}, ...]}]``: the generated
+        answer and the ``top`` passages the index returns, with their inner-product scores."""
+        from ragtrain.eval.evaluate import predict
+
+        top = max(1, min(top, len(self.kb)))
+        scores: list[np.ndarray] = []
+
+        def search(q, qs, k):  # predict's retrieval, its scores kept for display (one call per batch, in order)
+            res = self._search(q, qs, k)
+            scores.append(np.asarray(res["scores"]))
+            return res
+
+        examples = [{"id": str(i), "question": q, "answers": [], "gold_passage_id": -1} for i, q in enumerate(questions)]
+        records = predict(self.rag, self.collator, search, self.kb, examples, n_docs=self.n_docs, recall_depth=top,
+                          batch_size=batch_size, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
+                          decoding=self.decoding, show_progress=False)
+        all_scores = np.concatenate(scores) if scores else np.zeros((0, top))
+        out = []
+        for rec, row_scores in zip(records, all_scores):
+            ids = [i for i in rec["retrieved_ids"][:top] if i >= 0]
+            rows = self.kb[ids] if ids else {"title": [], "text": []}
+            passages = [{"rank": r + 1, "id": int(i), "score": round(float(s), 4), "title": t, "text": x}
+                        for r, (i, s, t, x) in enumerate(zip(ids, row_scores, rows["title"], rows["text"]))]
+            out.append({"question": rec["question"], "answer": rec["prediction"], "passages": passages})
+        return out
+
+
+def read_questions(argv_questions: Sequence[str], stdin: Iterable[str] | None) -> list[str]:
+    """The questions: the command-line ones, else one per non-blank line of ``stdin`` (unless it is a terminal)."""
+    qs = [q.strip() for q in argv_questions if q.strip()]
+    isatty = getattr(stdin, "isatty", None)
+    if not qs and stdin is not None and not (isatty and isatty()):
+        qs = [line.strip() for line in stdin if line.strip()]
+    if not qs:
+        raise DataError("no question given (pass one as an argument, or several on stdin, one per line)")
+    return qs
+
+
+def format_answer(result: dict, width: int = 160) -> str:
+    """Human-readable block: the question, the answer, then one line per passage (rank, score, id, title, text)."""
+    lines = [f"Q: {result['question']}", f"A: {result['answer']}"]
+    for p in result["passages"]:
+        text = " ".join(p["text"].split())
+        head = f"  [{p['rank']}] {p['score']:.3f}  #{p['id']}"
+        body = (f"{p['title']}: " if p["title"] else "") + text
+        room = max(width - len(head) - 2, 20)
+        lines.append(f"{head}  {body if len(body) <= room else body[: room - 3] + '...'}")
+    return "\n".join(lines)
