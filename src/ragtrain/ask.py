@@ -23,15 +23,18 @@ class Asker:
     """An exported run, loaded for questions: :meth:`ask` returns per question the answer and the top passages."""
 
     def __init__(self, checkpoint: str | Path, kb: str | Path | None = None, index: str | Path | None = None,
-                 n_docs: int = 0, decoding: str = "auto", num_beams: int = 1, max_new_tokens: int = 24):
+                 n_docs: int | None = None, decoding: str | None = None, num_beams: int | None = None,
+                 max_new_tokens: int | None = None, retriever: str | None = None, device: str = "auto"):
+        """Options left None take the run's own evaluation settings and retriever (recorded in the export)."""
         from ragtrain.cli import _load_checkpoint
         from ragtrain.data.kb import load_kb
-        from ragtrain.index.faiss_index import DenseIndex
-        from ragtrain.index.refresh import IndexStore
+        from ragtrain.eval.exported import eval_settings, load_index, make_search, resolve_device
         from ragtrain.model.loading import resolve_kb_dir
 
         ckpt = Path(checkpoint)
+        self.device = resolve_device(device)
         self.rag, self.collator, self.meta = _load_checkpoint(ckpt)
+        self.rag.to(self.device)
         if kb:
             kb_dir = Path(kb)
         elif self.meta.get("kb_dir"):
@@ -39,31 +42,23 @@ class Asker:
         else:
             raise FileNotFoundError(f"{ckpt}/ragtrain.json records no kb_dir; pass --kb")
         self.kb = load_kb(kb_dir)
-        if index:
-            self.index, self.emb, _ = IndexStore(Path(index)).load_current()
-        elif (ckpt / "index" / "index.faiss").is_file():
-            self.index = DenseIndex.load(ckpt / "index")
-            stored = ckpt / "index" / "embeddings.npy"
-            self.emb = np.load(stored, mmap_mode="r") if stored.is_file() else None
-        else:
+        self.index, self.emb = load_index(ckpt, str(index) if index else None)
+        if self.index is None:
             raise FileNotFoundError(f"{ckpt}/index: the export holds no index; build one with `ragtrain index "
                                     f"--checkpoint {ckpt} --kb KB --out DIR` and pass --index DIR")
         if self.index.ntotal != len(self.kb):
             raise ValueError(f"index has {self.index.ntotal} vectors but the KB {kb_dir} has {len(self.kb)} passages "
                              "(pass the KB the index was built from with --kb)")
-        self.n_docs = min(n_docs or int(self.meta["n_docs"]), len(self.kb))
-        self.decoding, self.num_beams, self.max_new_tokens = decoding, num_beams, max_new_tokens
-
-    def _search(self, q, questions, k):
-        scores, ids = self.index.search(q.detach().float().numpy(), k)
-        res = {"scores": scores, "ids": ids}
-        if self.emb is not None:  # stored vectors: p(z|x) of a model trained with a frozen context encoder
-            res["doc_embeddings"] = np.asarray(self.emb[np.clip(ids, 0, None).reshape(-1)]).reshape(*ids.shape, -1)
-        return res
+        s = eval_settings(self.meta, {"n_docs": n_docs or None, "decoding": decoding, "num_beams": num_beams,
+                                      "max_new_tokens": max_new_tokens})
+        self.n_docs = min(int(s["n_docs"]), len(self.kb))
+        self.decoding, self.num_beams, self.max_new_tokens = s["decoding"], s["num_beams"], s["max_new_tokens"]
+        kind = retriever or self.meta.get("retriever", {}).get("kind", "dense")
+        self._search = make_search(kind, self.index, self.emb, self.kb)  # the run's retriever (dense/bm25/hybrid)
 
     def ask(self, questions: Sequence[str], top: int = 3, batch_size: int = 8) -> list[dict]:
         """``[{"question", "answer", "passages": [{"rank", "id", "score", "title", "text"}, ...]}]``: the generated
-        answer and the ``top`` passages the index returns, with their inner-product scores."""
+        answer and the ``top`` passages the run's retriever returns, with its scores (dense: inner products)."""
         from ragtrain.eval.evaluate import predict
 
         top = max(1, min(top, len(self.kb)))
@@ -77,7 +72,7 @@ class Asker:
         examples = [{"id": str(i), "question": q, "answers": [], "gold_passage_id": -1} for i, q in enumerate(questions)]
         records = predict(self.rag, self.collator, search, self.kb, examples, n_docs=self.n_docs, recall_depth=top,
                           batch_size=batch_size, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
-                          decoding=self.decoding, show_progress=False)
+                          decoding=self.decoding, device=self.device, show_progress=False)
         all_scores = np.concatenate(scores) if scores else np.zeros((0, top))
         out = []
         for rec, row_scores in zip(records, all_scores):

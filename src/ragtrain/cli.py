@@ -131,7 +131,8 @@ def _cmd_ask(args) -> None:
 
     questions = read_questions(args.questions, sys.stdin)
     asker = Asker(args.checkpoint, kb=args.kb or None, index=args.index or None, n_docs=args.n_docs,
-                  decoding=args.decoding, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+                  decoding=args.decoding, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                  retriever=args.retriever, device=args.device)
     results = asker.ask(questions, top=args.top)
     for r in results:
         print(json.dumps(r) if args.json else format_answer(r) + "\n", flush=True)
@@ -205,10 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="one JSON object per question")
     a.add_argument("--kb", default="", help="KB dir (default: the one recorded in the checkpoint)")
     a.add_argument("--index", default="", help="index store dir (default: the checkpoint's own index)")
-    a.add_argument("--n-docs", type=int, default=0, help="passages the answer is decoded from (0 = the run's n_docs)")
-    a.add_argument("--decoding", default="auto", choices=["auto", "fast", "thorough", "token"])
-    a.add_argument("--num-beams", type=int, default=1)
-    a.add_argument("--max-new-tokens", type=int, default=24)
+    # default None: the run's own evaluation settings and retriever (recorded in the export)
+    a.add_argument("--n-docs", type=int, default=None, help="passages the answer is decoded from")
+    a.add_argument("--decoding", default=None, choices=["auto", "fast", "thorough", "token"])
+    a.add_argument("--num-beams", type=int, default=None)
+    a.add_argument("--max-new-tokens", type=int, default=None)
+    a.add_argument("--retriever", default=None, choices=["dense", "bm25", "hybrid"])
+    a.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N")
 
     c = sub.add_parser("config", help="print the fully resolved config (YAML) after validation")
     c.add_argument("--recipe", "--config", dest="recipe", default=None, help="YAML recipe (launch/recipes/*.yaml)")
