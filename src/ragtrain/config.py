@@ -503,6 +503,7 @@ HELP: dict[str, str] = {
     "model.max_passage_length": "passage tokens (encoder and prompt; the passage is truncated, never the question)",
     "model.max_prompt_length": "generator prompt tokens (question + passage)",
     "model.max_answer_length": "answer tokens in training",
+    "model.chat_template": "causal generators: wrap prompts in the tokenizer's chat template (auto | yes | no)",
     "model.dropout": ">= 0: set every dropout layer of the three models to this rate; < 0: keep the models' own",
     "model.lora": "sub-models trained with LoRA adapters: generator, question_encoder, context_encoder",
     "model.lora_r": "LoRA rank",
@@ -546,6 +547,7 @@ HELP: dict[str, str] = {
     "index.use_gpu": "build and search the index on GPUs (faiss-gpu)",
     "index.gpu_fp16": "GPU index in fp16",
     "index.keep_versions": "index versions kept on disk (those a checkpoint uses are kept too)",
+    "index.refresh_at_end": "re-encode the KB after the last step when the index predates the final context encoder",
     "train.batch_size": "questions per device per micro-batch",
     "train.gradient_accumulation_steps": "micro-batches per optimizer step",
     "train.max_steps": "optimizer steps",
@@ -571,6 +573,7 @@ HELP: dict[str, str] = {
     "eval.recall_ks": "k of the recall@k metrics",
     "eval.decode_docs": "answers decoded from the top N passages (0 = rag.n_docs)",
     "eval.decoding": "auto | fast | thorough (RAG-Sequence) | token (RAG-Token, greedy)",
+    "eval.stop_strings": "generation stops at eos or any of these strings; the answer is cut before it",
     "eval.max_generate": "final evaluation: questions given a generated answer (-1 all, 0 retrieval only)",
     "eval.max_generate_in_training": "evaluations during training: questions given a generated answer (-1 all, 0 "
                                      "retrieval only)",
@@ -612,7 +615,8 @@ def keys_help() -> str:
             section = head
             lines.append(f"  [{head}]" if head else "  [top level]")
         if isinstance(default, list):
-            shown = "[" + ",".join(map(str, default)) + "]"
+            shown = "[" + ",".join(x.encode("unicode_escape").decode() if isinstance(x, str) else str(x)
+                                   for x in default) + "]"  # a newline shows as \n
         else:
             shown = '""' if default == "" else str(default).lower() if isinstance(default, bool) else str(default)
         lines.append(f"    {key:<{width}}  {tp} (default {shown}): {HELP.get(key, '')}")
