@@ -21,11 +21,11 @@ def moved_run(trained_run, tmp_path_factory):
 
 
 def test_ask_returns_the_indexs_top_passages_and_the_evaluations_answer(moved_run, monkeypatch):
-    import ragtrain.cli as cli
+    import ragtrain.eval.exported as exported
 
     encodes = []
-    real = cli._encode_kb
-    monkeypatch.setattr(cli, "_encode_kb", lambda *a, **k: encodes.append(1) or real(*a, **k))
+    real = exported.encode_kb
+    monkeypatch.setattr(exported, "encode_kb", lambda *a, **k: encodes.append(1) or real(*a, **k))
     test_rows = [json.loads(x) for x in (moved_run / "predictions_test.jsonl").read_text().splitlines()][:5]
     asker = Asker(moved_run / "final", max_new_tokens=4)  # the run's eval.max_new_tokens (tiny_overrides)
     assert asker.n_docs == 3  # answers decoded from the run's rag.n_docs passages, as its evaluation did
