@@ -114,6 +114,12 @@ class IndexConfig:
     retriever: str = "dense"
     kind: str = "flat"
     refresh_every: Union[int, str] = 0  # 0 = never; N = every N steps; "0-1000:100,1000-:500"
+    # sync: training waits while the KB is re-encoded; async: a separate process encodes it from a snapshot of the
+    # context encoder while training continues, and the new index is swapped in async_lag steps later (waiting
+    # there if the encode is not done: deterministic and exactly resumable)
+    refresh_mode: str = "sync"
+    async_lag: int = 5
+    async_threads: int = 1  # CPU threads of the encoding process
     encode_batch_size: int = 64
     nlist: int = 1024
     nprobe: int = 32
@@ -396,6 +402,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     positive("eval.num_beams", cfg.eval.num_beams)
     choice("eval.decoding", cfg.eval.decoding, DECODINGS)
     choice("model.chat_template", cfg.model.chat_template, ("auto", "yes", "no"))
+    choice("index.refresh_mode", cfg.index.refresh_mode, ("sync", "async"))
+    positive("index.async_lag", cfg.index.async_lag)
+    positive("index.async_threads", cfg.index.async_threads)
     if any(not isinstance(x, str) or not x for x in cfg.eval.stop_strings):
         raise ConfigError(f"eval.stop_strings: must be a list of non-empty strings, got {cfg.eval.stop_strings!r}")
     if resolve_decoding(cfg.eval.decoding, cfg.rag.loss_type) == "token" and cfg.eval.num_beams > 1:
@@ -550,6 +559,10 @@ HELP: dict[str, str] = {
     "rag.rerank_top": ">= n_docs: retrieve this many, keep the n_docs the live context encoder scores best; 0 = off",
     "index.retriever": "dense | bm25 | hybrid (lexical ones need rag.mode=original or generator_only)",
     "index.kind": "flat (exact) | ivf | hnsw",
+    "index.refresh_mode": "sync (training waits for the re-encode) | async (a separate process encodes a snapshot "
+                          "while training continues; swapped in index.async_lag steps later)",
+    "index.async_lag": "async refresh: steps between the snapshot and the swap (the run waits there if needed)",
+    "index.async_threads": "async refresh: CPU threads of the encoding process",
     "index.refresh_every": "re-encode the KB and rebuild the index: 0 never, N every N steps, or "
                            "\"0-1000:100,1000-:500\"",
     "index.encode_batch_size": "passages per KB-encoding batch",

@@ -125,6 +125,21 @@ def referenced_index_versions(root: Path) -> set[int]:
     return out
 
 
+def referenced_snapshots(root: Path) -> set[str]:
+    """Names of the async-refresh snapshot folders (``OUTPUT_DIR/refresh/step_*``) that complete checkpoints under
+    ``root`` still need (their refresh was in flight when they were saved)."""
+    out = set()
+    for p in root.glob("step_*") if root.is_dir() else []:
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file():
+            try:
+                pending = json.loads((p / "trainer_state.json").read_text()).get("pending_refresh")
+            except (OSError, ValueError):
+                continue
+            if isinstance(pending, dict) and pending.get("snapshot"):
+                out.add(Path(pending["snapshot"]).name)
+    return out
+
+
 def trim_jsonl(path: Path, max_step: int) -> int:
     """Drop the rows of a JSON-lines log whose ``step`` is beyond ``max_step`` (a resumed run rewrites them);
     atomic. Returns the number of rows dropped."""

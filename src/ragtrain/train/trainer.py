@@ -12,6 +12,7 @@ Run it with ``python train.py --config launch/recipes/tiny-cpu.yaml`` or any Acc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,8 +38,10 @@ from ragtrain.data.kb import build_kb, load_kb
 from ragtrain.data.kb_tokens import PassageTokens
 from ragtrain.data.qa import load_qa, split_by_article
 from ragtrain.eval.evaluate import predict, summarize
+from ragtrain.index.async_refresh import EncodeJob, write_snapshot
 from ragtrain.index.faiss_index import DenseIndex
 from ragtrain.index.refresh import IndexStore, RefreshSchedule
+from ragtrain.model.lora import is_lora, merged_copy
 from ragtrain.model.loading import build_rag_model, export_models
 from ragtrain.retrieval import build_retriever, retriever_settings
 from ragtrain.train import checkpoint as ckpt
@@ -240,6 +243,9 @@ class Trainer:
         self.index_version = 0
         self.last_refresh_step = 0
         self.refresh_seconds = 0.0
+        self.async_wait_seconds = 0.0  # async refresh: time training waited for the encode at swap steps
+        self._pending = None  # async refresh in flight: {"start_step", "swap_step", "snapshot"}
+        self._job = None  # rank 0: its EncodeJob
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -524,6 +530,78 @@ class Trainer:
         allv, _ = D.gather_rows(local.to(device))
         return allv.cpu().numpy() if self.is_main else None
 
+    # ---------------------------------------------------------------------------- async refresh
+    def _kb_dir(self) -> Path:
+        return Path(self.kb.cache_files[0]["filename"]).parent
+
+    def _start_async_refresh(self) -> None:
+        """Snapshot the context encoder (gathered once under ZeRO-3) and start encoding the KB in a child process;
+        its index is swapped in at step ``step + index.async_lag`` (:meth:`_finish_async_refresh`)."""
+        if self._pending:  # the previous one is still in flight: swap it in first
+            self._finish_async_refresh()
+        ic = self.cfg.index
+        snap = self.out / "refresh" / f"step_{self.step:08d}"
+        enc = self.unwrapped.context_encoder
+        gathered = contextlib.nullcontext()
+        if self.is_zero3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(enc.parameters()), modifier_rank=None)
+        with gathered:
+            if self.is_main:
+                model = merged_copy(enc.model) if is_lora(enc.model) else enc.model
+                write_snapshot(snap, model, self.tokenizers.context, pooling=enc.pooling, normalize=enc.normalize,
+                               max_length=self.cfg.model.max_passage_length,
+                               mixed_precision=self.accelerator.mixed_precision, step=self.step)
+        if self.is_main:
+            self._job = EncodeJob(snap, self._kb_dir(), threads=ic.async_threads, batch_size=ic.encode_batch_size)
+        self._pending = {"start_step": self.step, "swap_step": self.step + ic.async_lag, "snapshot": str(snap)}
+        log.info("async refresh: encoding the KB with the context encoder of step %d in a separate process; "
+                 "its index is swapped in at step %d", self.step, self._pending["swap_step"])
+        D.barrier()
+
+    def _finish_async_refresh(self) -> None:
+        """Wait for the pending encode (if not done yet), build and publish its index and install it."""
+        pending, t0 = self._pending, time.time()
+        if self.is_main:
+            if self._job is None:  # resumed: encode again from the snapshot the checkpoint recorded
+                self._job = EncodeJob(Path(pending["snapshot"]), self._kb_dir(), threads=self.cfg.index.async_threads,
+                                      batch_size=self.cfg.index.encode_batch_size)
+            waited = not self._job.done()
+            emb = self._job.result()
+            wait_s = time.time() - t0
+            ic = self.cfg.index
+            index = DenseIndex.build(emb, kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, hnsw_m=ic.hnsw_m,
+                                     use_gpu=ic.use_gpu, gpu_fp16=ic.gpu_fp16)
+            version = self.store.publish(index, emb, step=pending["start_step"])
+            self._install(index, emb)
+            log.info("async refresh: index v%d (context encoder of step %d) swapped in at step %d; training %s "
+                     "%.1fs for the encode", version, pending["start_step"], self.step,
+                     "waited" if waited else "did not wait; build took", wait_s)
+            self._job = None
+        else:
+            version = None
+        self.index_version = D.broadcast_object(version)
+        self.last_refresh_step = pending["start_step"]
+        self._pending = None
+        dt = time.time() - t0
+        self.async_wait_seconds += dt
+        self.refresh_seconds += dt
+        self.accelerator.log({"index/last_refresh_step": self.last_refresh_step, "index/async_wait_s": dt},
+                             step=self.step)
+        self._prune_snapshots()
+
+    def _prune_snapshots(self) -> None:
+        """Delete the snapshot folders no checkpoint and no pending refresh needs."""
+        if not self.is_main or not (self.out / "refresh").is_dir():
+            return
+        keep = ckpt.referenced_snapshots(self.out / "checkpoints")
+        if self._pending:
+            keep.add(Path(self._pending["snapshot"]).name)
+        for p in (self.out / "refresh").iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
     def refresh_index(self) -> None:
         """Re-encode the KB with the current context encoder and swap in a new index version."""
         t0 = time.time()
@@ -613,13 +691,16 @@ class Trainer:
         acc.end_training()
         if self.is_main:
             self.plot()
-        final.update({"train_seconds": train_seconds, "refresh_seconds": self.refresh_seconds})
+        final.update({"train_seconds": train_seconds, "refresh_seconds": self.refresh_seconds,
+                      "async_wait_seconds": self.async_wait_seconds})
         return final
 
     def _index_at_end(self) -> None:
         """The final evaluation and the export use an index encoded by the final context encoder: re-encode the KB
         when the live index predates it (``index.refresh_at_end``), or mark it stale (no index in the export)."""
         self._stale_index = False
+        if self._pending:  # an async refresh still in flight: swap it in first
+            self._finish_async_refresh()
         if not self.unwrapped.is_trained("context_encoder") or self.last_refresh_step == self.step:
             return
         if self.cfg.index.refresh_at_end:
@@ -673,9 +754,14 @@ class Trainer:
                          logs["train/loss"], per_token, " ".join(f"{k}={v:.2e}" for k, v in lr.items()), rate)
             self._window = {"loss": 0.0, "n": 0, "nll": 0.0, "tokens": 0.0}
             self._window_t0 = now
+        if self._pending and self.step >= self._pending["swap_step"]:
+            self._finish_async_refresh()
         if self.schedule and self.schedule.should_refresh(self.step):
-            self.refresh_index()
-            self.accelerator.log({"index/last_refresh_step": self.last_refresh_step}, step=self.step)
+            if self.cfg.index.refresh_mode == "async":
+                self._start_async_refresh()
+            else:
+                self.refresh_index()
+                self.accelerator.log({"index/last_refresh_step": self.last_refresh_step}, step=self.step)
         if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
             self.evaluate_and_log("validation")
         if tc.save_every and (self.step % tc.save_every == 0 or self.step >= tc.max_steps):
@@ -780,13 +866,16 @@ class Trainer:
                 "index_version": self.index_version, "last_refresh_step": self.last_refresh_step,
                 "world_size": D.world(), "mode": self.cfg.rag.mode,
                 # the running loss since the last evaluation (the next metrics row's "loss")
-                "loss_sum": self._loss_sum, "loss_n": self._loss_n, "log_window": dict(self._window)}
+                "loss_sum": self._loss_sum, "loss_n": self._loss_n, "log_window": dict(self._window),
+                # an async refresh in flight (resumed: encoded again from its snapshot, swapped at the same step)
+                "pending_refresh": self._pending}
 
     def save_checkpoint(self) -> Path:
         path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.trainer_state(),
                                     self.accelerator.save_state, is_main=self.is_main, barrier=D.barrier,
                                     keep=self.cfg.train.keep_checkpoints)
         self.store.pinned = ckpt.referenced_index_versions(self.out / "checkpoints")
+        self._prune_snapshots()
         log.info("checkpoint written: %s", path)
         return path
 
@@ -813,6 +902,7 @@ class Trainer:
         self.last_refresh_step = state["last_refresh_step"]
         self._loss_sum, self._loss_n = state.get("loss_sum", 0.0), state.get("loss_n", 0)
         self._window = dict(state.get("log_window", self._window))
+        self._pending = state.get("pending_refresh")
         self._undo_next_fetch_rng = self.batch_in_epoch > 0
         version = state["index_version"]
         if self.is_main:

@@ -1,0 +1,100 @@
+"""index.refresh_mode=async: the KB is encoded by a child process from a snapshot of the context encoder while
+training continues; the index is swapped in exactly index.async_lag steps later, holds the snapshot's vectors,
+and a run killed while a refresh is in flight resumes exactly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from ragtrain.train.trainer import Trainer
+
+ASYNC = {"rag.mode": "end2end", "index.refresh_every": 3, "index.refresh_mode": "async", "index.async_lag": 2,
+         "train.max_steps": 6, "train.context_encoder_lr": 5e-2, "model.dropout": 0.1, "train.save_every": 4}
+
+
+def _rows(out, name):
+    return [json.loads(x) for x in (out / name).read_text().splitlines()]
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory):
+    from ragtrain.config import load_config
+
+    out = tmp_path_factory.mktemp("async") / "run"
+    snapshots = {}
+    original = Trainer._start_async_refresh
+
+    def spy(self):
+        snapshots[self.step] = {k: v.clone() for k, v in self.unwrapped.context_encoder.state_dict().items()}
+        return original(self)
+
+    Trainer._start_async_refresh = spy
+    try:
+        tr = Trainer(load_config(None, tiny_overrides(out, **ASYNC)))
+        tr.train()
+    finally:
+        Trainer._start_async_refresh = original
+    return tr, snapshots
+
+
+def test_the_index_is_swapped_in_after_the_lag_with_the_snapshots_vectors(async_run):
+    tr, snapshots = async_run
+    rows = _rows(tr.out, "train_log.jsonl")
+    # step 3 starts a refresh, swapped in at the end of step 5: step 6 uses v2; step 6 starts another, finished
+    # before the final evaluation (v3)
+    assert [(r["step"], r["index_version"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 2)]
+    assert sorted(snapshots) == [3, 6] and tr.index_version == 3 and tr.last_refresh_step == 6
+    _, v2, info = tr.store.load_version(2)
+    assert info["step"] == 3
+    # v2 = the KB encoded (in this process, the ordinary way) by the context encoder as it was at step 3
+    enc = tr.unwrapped.context_encoder
+    live = {k: v.clone() for k, v in enc.state_dict().items()}
+    enc.load_state_dict(snapshots[3])
+    np.testing.assert_allclose(np.asarray(v2), tr.encode_kb(), atol=1e-5)
+    enc.load_state_dict(live)
+    assert not np.allclose(np.asarray(v2), np.asarray(tr.store.load_version(3)[1]), atol=1e-4)  # it did move
+    # snapshots are kept only while a checkpoint needs them (the step-4 one was saved while step 3's was in flight)
+    assert sorted(p.name for p in (tr.out / "refresh").iterdir()) == ["step_00000003", "step_00000006"]
+
+
+def test_a_run_killed_while_a_refresh_is_in_flight_resumes_exactly(async_run, tmp_path, monkeypatch):
+    from ragtrain.config import load_config
+
+    straight = async_run[0].out
+    out = tmp_path / "run"
+    original = Trainer.save_checkpoint
+
+    def crash_after_first_checkpoint(self, *a, **kw):
+        path = original(self, *a, **kw)
+        raise Crash("killed right after the step-4 checkpoint, step 3's refresh in flight")
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(Crash):
+        Trainer(load_config(None, tiny_overrides(out, **ASYNC))).train()
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["pending_refresh"]["swap_step"] == 5
+    Trainer(load_config(None, tiny_overrides(out, **ASYNC, resume="true"))).train()
+    a, b = _rows(out, "train_log.jsonl"), _rows(straight, "train_log.jsonl")
+    assert [(r["step"], r["index_version"]) for r in a] == [(r["step"], r["index_version"]) for r in b]
+    np.testing.assert_array_equal([r["loss"] for r in a], [r["loss"] for r in b])
+    assert _rows(out, "metrics.jsonl") == _rows(straight, "metrics.jsonl")
+    for v in (2, 3):
+        np.testing.assert_array_equal(np.load(out / "index" / f"v{v:06d}" / "embeddings.npy"),
+                                      np.load(straight / "index" / f"v{v:06d}" / "embeddings.npy"))
+
+
+def test_async_keys_are_validated(tiny_cfg):
+    from ragtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="index.refresh_mode"):
+        tiny_cfg(**{"index.refresh_mode": "later"})
+    with pytest.raises(ConfigError, match="index.async_lag"):
+        tiny_cfg(**{"index.async_lag": 0})
