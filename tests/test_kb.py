@@ -159,8 +159,12 @@ def test_fmt_overrides_extension(tmp_path: Path, docs: list[dict[str, str]]) -> 
 def test_multiple_sources_ids_continue_and_stable(tmp_path: Path, docs: list[dict[str, str]]) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", docs)
     b = write_csv(tmp_path / "b.csv", docs)
-    ds1, stats = build_kb([a, b], passage_words=3, return_stats=True)
-    ds2 = build_kb([str(a), str(b)], passage_words=3)
+    # the same documents twice: their ids repeat, which is an error unless asked to warn (and count)
+    with pytest.raises(DataError, match=r"b.csv row 2: id 'a' is also the id of .*a.jsonl row 1"):
+        build_kb([a, b], passage_words=3)
+    ds1, stats = build_kb([a, b], passage_words=3, return_stats=True, duplicate_ids="warn")
+    ds2 = build_kb([str(a), str(b)], passage_words=3, duplicate_ids="warn")
+    assert stats["duplicate_ids"] == 2  # "a" and "c"; the row without an id gets a per-file one
     assert ds1["id"] == list(range(12))
     assert ds1["text"][:6] == ds1["text"][6:]
     assert ds1.to_dict() == ds2.to_dict()
@@ -229,7 +233,7 @@ GOOD_JSONL = json.dumps({"title": "T", "text": "some words here"}) + "\n"
 
 # name, file name, file bytes, expected message parts (besides the file name)
 BAD_INPUTS: list[tuple[str, str, bytes, tuple[str, ...]]] = [
-    ("csv empty text", "kb.csv", b"title,text\nA,fine text\nB,more\nC,   \n", ("row 4", "empty 'text'")),
+    ("csv empty text", "kb.csv", b"title,text\nA,fine text\nB,more\nC,   \n", ("row 4", "'text' is only whitespace")),
     ("csv short row", "kb.csv", b"id,title,text\n1,A,fine\n2,B\n", ("row 3", "missing 'text'")),
     ("csv bad bytes", "kb.csv", b"title,text\nA,ok\nB,ok\nC,caf\xe9 au lait\n", ("row 4", "undecodable")),
     ("csv multiline then bad", "kb.csv", b'title,text\nA,"two\nlines"\nB,\n', ("row 4", "empty 'text'")),
@@ -253,7 +257,7 @@ BAD_INPUTS: list[tuple[str, str, bytes, tuple[str, ...]]] = [
         "squad empty context",
         "train.json",
         json.dumps(squad([("A", ["fine"]), ("B", ["ok", " "])])).encode(),
-        ("article 2 paragraph 2", "empty 'context'"),
+        ("article 2 paragraph 2", "'context' is only whitespace"),
     ),
     ("squad invalid json", "train.json", b'{"data": [\n{"title": }\n]}', ("line 2", "invalid JSON")),
     (
