@@ -461,3 +461,40 @@ def test_plain_datasets_folder_is_a_kb(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no 'text' column") as exc:
         load_kb(tmp_path / "notext")
     assert_one_line_error(exc, str(tmp_path / "notext"))
+
+
+KILLED_BUILD = r"""
+import os, signal, sys
+sys.path.insert(0, {src!r})
+from ragtrain.data import kb
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-build: passages written to the temporary, nothing renamed yet
+kb._save_quietly = die
+from ragtrain.cli import main
+main(["kb", {source!r}, "--out", {out!r}])
+"""
+
+
+def test_a_killed_kb_build_leaves_no_temporary_after_the_next_run(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    """kill -9 during `ragtrain kb` leaves `.kb.tmp-<pid>-*` beside --out; the next `ragtrain kb` (or training run)
+    removes it. A temporary of a build that is still running (its pid alive) is left alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from ragtrain.cli import main
+
+    src = write_jsonl(tmp_path / "src.jsonl", docs)
+    out = tmp_path / "kb"
+    script = KILLED_BUILD.format(src=str(Path(__file__).resolve().parents[1] / "src"), source=str(src), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    left = list(tmp_path.glob(".kb.tmp-*"))
+    assert len(left) == 1 and (left[0] / "passages.arrow").is_file() and not out.exists()
+    running = tmp_path / ".kb.tmp-1-busy"  # pid 1 is alive: a build in progress elsewhere
+    running.mkdir()
+    assert main(["kb", str(src), "--out", str(out), "--passage-words", "3"]) == 0
+    assert sorted(p.name for p in tmp_path.glob(".kb.tmp-*")) == [running.name]
+    assert len(load_kb(out)) == 6
+    os.rmdir(running)

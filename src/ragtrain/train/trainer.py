@@ -32,7 +32,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ragtrain.config import Config, ConfigError, dump_config, report_to_trackers
 from ragtrain.data.collate import RagCollator
-from ragtrain.data.kb import build_kb, load_kb, source_fingerprint
+from ragtrain.data.kb import build_kb, load_kb, source_fingerprint, sweep_stale_builds
 from ragtrain.data.kb_tokens import PassageTokens
 from ragtrain.data.qa import load_qa
 from ragtrain.eval.evaluate import predict, summarize
@@ -247,6 +247,9 @@ class Trainer:
             self.kb_dir = Path(cfg.kb[0])
             return load_kb(self.kb_dir)
         self.kb_dir = kb_dir
+        if self.is_main:  # what a killed build of this KB (ragtrain kb, or a run) left beside it
+            for p in sweep_stale_builds(kb_dir):
+                log.info("removed %s left by an interrupted KB build", p)
         if cfg.kb:
             fp = _fingerprint(cfg.kb, cfg.passage_words, cfg.passage_stride)
             stamp = kb_dir / "ragtrain_sources.json"
