@@ -105,9 +105,18 @@ def test_zero_matches_single_process(single, tmp_path, stage, buckets, encode_bs
                 torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3)
 
 
-def test_zero3_resume_reproduces_next_losses(tmp_path):
-    cfg = {"train.deepspeed_config": "ds_configs/zero3.json", "train.save_every": 2}
-    out = _run(tmp_path / "z3", 2, **cfg)
+Z3_CKPT = {"train.deepspeed_config": "ds_configs/zero3.json", "train.save_every": 2}
+
+
+@pytest.fixture(scope="module")
+def zero3_straight(tmp_path_factory):
+    """The uninterrupted 2-rank ZeRO-3 run (checkpoints at steps 2 and 4) the resume tests compare with."""
+    return _run(tmp_path_factory.mktemp("z3straight") / "run", 2, **Z3_CKPT)
+
+
+def test_zero3_resume_reproduces_next_losses(zero3_straight, tmp_path):
+    out = tmp_path / "z3"
+    shutil.copytree(zero3_straight, out)
     full = _losses(out)
     # roll the run back to its step-2 checkpoint, as if it had died there
     ck = out / "checkpoints"
@@ -116,9 +125,86 @@ def test_zero3_resume_reproduces_next_losses(tmp_path):
     shutil.rmtree(ck / "step_00000004")
     lines = (out / "train_log.jsonl").read_text().splitlines()[:2]
     (out / "train_log.jsonl").write_text("\n".join(lines) + "\n")
-    _run(tmp_path / "z3", 2, **cfg, resume="true")
+    _run(out, 2, **Z3_CKPT, resume="true")
     np.testing.assert_allclose(_losses(out)[:2], full[:2], rtol=1e-6)
     np.testing.assert_allclose(_losses(out), full, rtol=5e-4)  # ZeRO-3 run-to-run noise, see above
+
+
+KILL_JOB_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from ragtrain.train import trainer as T
+pids = {pids!r}
+os.makedirs(pids, exist_ok=True)
+with open(os.path.join(pids, os.environ["RANK"]), "w") as f:
+    f.write(str(os.getpid()))
+real = T.Trainer._passages
+
+def _passages(self, ids):
+    # step 2 is done (checkpointed, index refreshed): rank 0 is now inside step 3's forward. kill -9 the whole job,
+    # as a pre-emption does: the launcher first (so it cannot react), then the other rank, then itself
+    if self.step == 2 and self.model.training and os.environ["RANK"] == "0":
+        os.kill(os.getppid(), signal.SIGKILL)
+        for name in os.listdir(pids):
+            pid = int(open(os.path.join(pids, name)).read())
+            if pid != os.getpid():
+                os.kill(pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, ids)
+
+T.Trainer._passages = _passages
+from ragtrain.train.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_zero3_kill_9_mid_step_and_resume_equals_the_uninterrupted_run(zero3_straight, tmp_path):
+    """2 CPU ranks, ZeRO-3: the whole job (launcher and both ranks) is SIGKILLed in the middle of step 3, after the
+    step-2 checkpoint; `resume=true` then gives the uninterrupted run's steps, index versions (exactly) and losses
+    and final evaluation (to ZeRO-3-on-gloo run-to-run noise)."""
+    out = tmp_path / "run"
+    script = tmp_path / "kill_job.py"
+    script.write_text(KILL_JOB_SCRIPT.format(root=str(ROOT / "src"), pids=str(tmp_path / "pids")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+           str(script), *tiny_overrides(out, **{**COMMON, **Z3_CKPT})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    for name in os.listdir(tmp_path / "pids"):  # every rank is gone (or a zombie waiting for its reaper)
+        assert _dead(int((tmp_path / "pids" / name).read_text())), name
+    assert (out / "checkpoints" / "step_00000002").is_dir() and not (out / "final").exists()
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    _run(out, 2, **Z3_CKPT, resume="true")
+    a, b = (_rows(p, "train_log.jsonl") for p in (out, zero3_straight))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    assert [r["index_version"] for r in a] == [r["index_version"] for r in b]
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=5e-4)
+    ma, mb = (_rows(p, "metrics.jsonl") for p in (out, zero3_straight))
+    assert [(r["step"], r["split"], r["index_version"], r["last_refresh_step"]) for r in ma] == \
+        [(r["step"], r["split"], r["index_version"], r["last_refresh_step"]) for r in mb]
+    for ra, rb in zip(ma, mb):
+        for key in ("train_loss", "loss", "recall@1", "recall@5", "mrr"):
+            assert ra[key] == pytest.approx(rb[key], rel=5e-4), key
+    assert sorted(p.name for p in (out / "index").glob("v*")) == sorted(p.name for p in (zero3_straight / "index").glob("v*"))
+
+
+def _dead(pid: int, wait_s: float = 10.0) -> bool:
+    import time
+
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _rows(out, name):
+    return [json.loads(x) for x in (out / name).read_text().splitlines()]
 
 
 DIE_SCRIPT = """

@@ -159,8 +159,12 @@ def test_fmt_overrides_extension(tmp_path: Path, docs: list[dict[str, str]]) -> 
 def test_multiple_sources_ids_continue_and_stable(tmp_path: Path, docs: list[dict[str, str]]) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", docs)
     b = write_csv(tmp_path / "b.csv", docs)
-    ds1, stats = build_kb([a, b], passage_words=3, return_stats=True)
-    ds2 = build_kb([str(a), str(b)], passage_words=3)
+    # the same documents twice: their ids repeat, which is an error unless asked to warn (and count)
+    with pytest.raises(DataError, match=r"b.csv row 2: id 'a' is also the id of .*a.jsonl row 1"):
+        build_kb([a, b], passage_words=3)
+    ds1, stats = build_kb([a, b], passage_words=3, return_stats=True, duplicate_ids="warn")
+    ds2 = build_kb([str(a), str(b)], passage_words=3, duplicate_ids="warn")
+    assert stats["duplicate_ids"] == 2  # "a" and "c"; the row without an id gets a per-file one
     assert ds1["id"] == list(range(12))
     assert ds1["text"][:6] == ds1["text"][6:]
     assert ds1.to_dict() == ds2.to_dict()
@@ -229,7 +233,7 @@ GOOD_JSONL = json.dumps({"title": "T", "text": "some words here"}) + "\n"
 
 # name, file name, file bytes, expected message parts (besides the file name)
 BAD_INPUTS: list[tuple[str, str, bytes, tuple[str, ...]]] = [
-    ("csv empty text", "kb.csv", b"title,text\nA,fine text\nB,more\nC,   \n", ("row 4", "empty 'text'")),
+    ("csv empty text", "kb.csv", b"title,text\nA,fine text\nB,more\nC,   \n", ("row 4", "'text' is only whitespace")),
     ("csv short row", "kb.csv", b"id,title,text\n1,A,fine\n2,B\n", ("row 3", "missing 'text'")),
     ("csv bad bytes", "kb.csv", b"title,text\nA,ok\nB,ok\nC,caf\xe9 au lait\n", ("row 4", "undecodable")),
     ("csv multiline then bad", "kb.csv", b'title,text\nA,"two\nlines"\nB,\n', ("row 4", "empty 'text'")),
@@ -253,7 +257,7 @@ BAD_INPUTS: list[tuple[str, str, bytes, tuple[str, ...]]] = [
         "squad empty context",
         "train.json",
         json.dumps(squad([("A", ["fine"]), ("B", ["ok", " "])])).encode(),
-        ("article 2 paragraph 2", "empty 'context'"),
+        ("article 2 paragraph 2", "'context' is only whitespace"),
     ),
     ("squad invalid json", "train.json", b'{"data": [\n{"title": }\n]}', ("line 2", "invalid JSON")),
     (
@@ -457,3 +461,40 @@ def test_plain_datasets_folder_is_a_kb(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no 'text' column") as exc:
         load_kb(tmp_path / "notext")
     assert_one_line_error(exc, str(tmp_path / "notext"))
+
+
+KILLED_BUILD = r"""
+import os, signal, sys
+sys.path.insert(0, {src!r})
+from ragtrain.data import kb
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-build: passages written to the temporary, nothing renamed yet
+kb._save_quietly = die
+from ragtrain.cli import main
+main(["kb", {source!r}, "--out", {out!r}])
+"""
+
+
+def test_a_killed_kb_build_leaves_no_temporary_after_the_next_run(tmp_path: Path, docs: list[dict[str, str]]) -> None:
+    """kill -9 during `ragtrain kb` leaves `.kb.tmp-<pid>-*` beside --out; the next `ragtrain kb` (or training run)
+    removes it. A temporary of a build that is still running (its pid alive) is left alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from ragtrain.cli import main
+
+    src = write_jsonl(tmp_path / "src.jsonl", docs)
+    out = tmp_path / "kb"
+    script = KILLED_BUILD.format(src=str(Path(__file__).resolve().parents[1] / "src"), source=str(src), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    left = list(tmp_path.glob(".kb.tmp-*"))
+    assert len(left) == 1 and (left[0] / "passages.arrow").is_file() and not out.exists()
+    running = tmp_path / ".kb.tmp-1-busy"  # pid 1 is alive: a build in progress elsewhere
+    running.mkdir()
+    assert main(["kb", str(src), "--out", str(out), "--passage-words", "3"]) == 0
+    assert sorted(p.name for p in tmp_path.glob(".kb.tmp-*")) == [running.name]
+    assert len(load_kb(out)) == 6
+    os.rmdir(running)

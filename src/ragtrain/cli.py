@@ -24,9 +24,14 @@ from pathlib import Path
 def _cmd_kb(args) -> dict:
     from ragtrain.data.kb import build_kb
 
+    if not 0 <= args.passage_stride <= args.passage_words:
+        raise ValueError(f"--passage-stride: must be between 0 (= --passage-words) and --passage-words "
+                         f"({args.passage_words}), got {args.passage_stride}")
     ds, stats = build_kb(args.sources, args.out, passage_words=args.passage_words,
-                         skip_bad_rows=args.skip_bad_rows, return_stats=True, passage_stride=args.passage_stride)
-    return {"out": args.out, "passages": len(ds), "documents": stats["documents"], "skipped": stats["skipped"]}
+                         skip_bad_rows=args.skip_bad_rows, return_stats=True, passage_stride=args.passage_stride,
+                         max_passage_chars=args.max_passage_chars, duplicate_ids=args.duplicate_ids)
+    return {"out": args.out, "passages": len(ds), "documents": stats["documents"], "skipped": stats["skipped"],
+            "duplicate_ids": stats["duplicate_ids"]}
 
 
 def _load_checkpoint(path: Path):
@@ -52,13 +57,39 @@ def _cmd_index(args) -> dict:
     ckpt = Path(args.checkpoint)
     if not (ckpt / "ragtrain.json").is_file():
         raise FileNotFoundError(f"{ckpt}: not an exported ragtrain checkpoint (no ragtrain.json)")
+    _writable_dir("--out", Path(args.out))
     device = resolve_device(args.device)
+    kb = load_kb(args.kb)  # before the encoder: a wrong --kb is said at once
     encoder, tokenizer, meta = load_exported_encoder(ckpt, "context_encoder")  # the generator is not needed
-    kb = load_kb(args.kb)
     emb = encode_kb(encoder, tokenizer, kb, meta.get("max_passage_length", 512), args.batch_size, device)
     index = DenseIndex.build(emb, kind=args.kind)
     version = IndexStore(Path(args.out)).publish(index, emb, step=0, extra={"kb": str(args.kb)})
     return {"out": args.out, "version": version, "ntotal": index.ntotal, "dim": index.dim}
+
+
+def _writable_dir(option: str, path: Path) -> None:
+    """``path`` is (or can be created as) a writable folder; else a ValueError naming ``option``."""
+    p = path
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"{option} {path}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {p} is not writable")
+
+
+# options that must be >= 1 (or >= 0), per command; None (not given: the run's own setting) is fine
+_AT_LEAST = {"kb": {"passage_words": 1, "max_passage_chars": 0, "passage_stride": 0},
+             "index": {"batch_size": 1},
+             "eval": {"n_docs": 1, "num_beams": 1, "max_new_tokens": 1, "batch_size": 1, "max_examples": 0},
+             "ask": {"top": 1, "n_docs": 1, "num_beams": 1, "max_new_tokens": 1}}
+
+
+def _check_options(args) -> None:
+    for name, low in _AT_LEAST.get(args.command, {}).items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= {low}, got {value}")
 
 
 def _recall_ks(text: str | None) -> list[int] | None:
@@ -88,10 +119,11 @@ def _cmd_eval(args) -> dict:
     device = X.resolve_device(args.device)
     overrides = {"n_docs": args.n_docs, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                  "decoding": args.decoding, "batch_size": args.batch_size, "recall_ks": _recall_ks(args.recall_ks)}
-    rag, collator, meta = _load_checkpoint(ckpt)
-    rag.to(device)
-    settings = X.eval_settings(meta, overrides)
-    kb_dir = args.kb or meta.get("kb_dir")
+    if not (ckpt / "ragtrain.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: not an exported ragtrain checkpoint (no ragtrain.json)")
+    # every input and option checked before the models load
+    settings = X.eval_settings(json.loads((ckpt / "ragtrain.json").read_text()), overrides)
+    kb_dir = args.kb or json.loads((ckpt / "ragtrain.json").read_text()).get("kb_dir")
     if not kb_dir:
         raise FileNotFoundError("no --kb given and the checkpoint records none")
     if not args.kb:
@@ -99,6 +131,12 @@ def _cmd_eval(args) -> dict:
 
         kb_dir = resolve_kb_dir(ckpt, kb_dir)
     kb = load_kb(kb_dir)
+    if settings["n_docs"] > len(kb):
+        raise ValueError(f"--n-docs {settings['n_docs']}: larger than the knowledge base ({len(kb)} passages)")
+    examples = load_qa(args.data, kb=kb)
+    rag, collator, meta = _load_checkpoint(ckpt)
+    rag.to(device)
+    settings = X.eval_settings(meta, overrides)
     index, emb = X.load_index(ckpt, args.index) if (args.index or not args.kb) else (None, None)
     if index is None:
         print(f"ragtrain eval: no index for {kb_dir} in {ckpt}; encoding the KB with the exported context encoder",
@@ -108,7 +146,6 @@ def _cmd_eval(args) -> dict:
         index = DenseIndex.build(emb)
     if index.ntotal != len(kb):
         raise ValueError(f"index has {index.ntotal} vectors but the KB {kb_dir} has {len(kb)} passages")
-    examples = load_qa(args.data, kb=kb)
     if args.max_examples:
         examples = examples[: args.max_examples]
     kind = args.retriever or meta.get("retriever", {}).get("kind", "dense")
@@ -165,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--passage-stride", type=int, default=0,
                    help="words between passage starts (< --passage-words: overlapping windows); 0 = --passage-words")
     k.add_argument("--skip-bad-rows", action="store_true")
+    k.add_argument("--max-passage-chars", type=int, default=100_000,
+                   help="a passage longer than this many characters is a bad row (0 = no limit)")
+    k.add_argument("--duplicate-ids", default="error", choices=["error", "warn"],
+                   help="a document id given to two documents: error, or warn (counted, both kept)")
 
     i = sub.add_parser("index", help="encode a KB with an exported context encoder and build a FAISS index")
     i.add_argument("--checkpoint", required=True, help="exported dir (OUTPUT_DIR/final)")
@@ -238,8 +279,9 @@ def main(argv=None) -> int:
     commands = {"kb": _cmd_kb, "index": _cmd_index, "eval": _cmd_eval, "ask": _cmd_ask, "config": _cmd_config,
                 "plot": _cmd_plot}
     try:
+        _check_options(args)
         result = commands[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, OSError, ValueError) as e:  # OSError: unreadable/unwritable paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result is not None:

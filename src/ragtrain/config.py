@@ -84,6 +84,12 @@ class DataConfig:
     split_by_article: bool = False  # split `train` by article into train/validation/test
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     max_eval_examples: int = 0  # 0 = all
+    # a passage longer than this many characters is a bad row (text without spaces would become one huge passage
+    # that tokenization chokes on); 0 = no limit
+    max_passage_chars: int = 100_000
+    duplicate_ids: str = "error"  # a KB id given to two documents: error | warn (counted, both kept)
+    # more than this fraction of the questions naming a gold_doc the KB does not hold: an error (the wrong KB)
+    max_unknown_gold_fraction: float = 0.5
 
 
 @dataclass
@@ -365,6 +371,11 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError(f"rag.rerank_top: rag.mode={cfg.rag.mode} freezes the context encoder, so re-ranking "
                           "with it would return the index's own order; set it to 0")
     positive("data.passage_words", cfg.data.passage_words)
+    positive("data.max_passage_chars", cfg.data.max_passage_chars, allow_zero=True)
+    choice("data.duplicate_ids", cfg.data.duplicate_ids, ("error", "warn"))
+    if not 0 <= cfg.data.max_unknown_gold_fraction <= 1:
+        raise ConfigError(f"data.max_unknown_gold_fraction: must be between 0 and 1, got "
+                          f"{cfg.data.max_unknown_gold_fraction}")
     if not 0 <= cfg.data.passage_stride <= cfg.data.passage_words:
         raise ConfigError(f"data.passage_stride: must be between 0 (= data.passage_words) and data.passage_words "
                           f"({cfg.data.passage_words}), got {cfg.data.passage_stride}")
@@ -550,6 +561,9 @@ HELP: dict[str, str] = {
     "data.split_by_article": "split data.train by article into train/validation/test",
     "data.split_fractions": "train/validation/test fractions for split_by_article",
     "data.max_eval_examples": "evaluate on at most this many questions (0 = all)",
+    "data.max_passage_chars": "a KB passage longer than this many characters is a bad row (0 = no limit)",
+    "data.duplicate_ids": "a KB document id given to two documents: error | warn (counted, both kept)",
+    "data.max_unknown_gold_fraction": "more than this fraction of gold_doc names missing from the KB is an error",
     "rag.mode": "end2end | original | generator_only | retriever_only (which sub-models train)",
     "rag.loss_type": "sequence (RAG-Sequence) | token (RAG-Token)",
     "rag.n_docs": "passages retrieved per question",

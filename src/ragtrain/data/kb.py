@@ -40,6 +40,7 @@ import re
 import shutil
 import sys
 import tempfile
+from array import array
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ from tqdm.auto import tqdm
 from ragtrain.data.errors import DataError
 
 __all__ = [
+    "DUPLICATE_IDS",
+    "MAX_PASSAGE_CHARS",
+    "scan_kb",
+    "source_fingerprint",
+    "sweep_stale_builds",
     "KB_COLUMNS",
     "KB_FEATURES",
     "KB_FORMATS",
@@ -133,6 +139,11 @@ def _chunk(text: str, n_words: int, stride: int | None = None) -> list[tuple[str
         group = spans[i : i + n_words]
         out.append((" ".join(text[s:e] for s, e in group), group[0][0]))
     return out
+
+
+def _empty_text(text: str) -> str:
+    """Why a document's text is unusable: empty, or whitespace only (said so: the row is not blank to the eye)."""
+    return f"'text' is only whitespace ({len(text)} character(s))" if text else "empty 'text'"
 
 
 def has_undecodable(*values: Any) -> bool:
@@ -223,6 +234,7 @@ class _Doc:
     title: str
     text: str
     doc_id: str
+    where: str = ""  # e.g. "row 7" or "article 2 paragraph 3" (error messages)
 
 
 @dataclass(frozen=True)
@@ -272,11 +284,11 @@ def _read_delimited(path: Path, delimiter: str, progress: _Progress, f: io.TextI
             yield _Bad(f"row {line}", f"missing 'text' (row has {len(row)} fields, header has {len(header)})")
             continue
         if not text.strip():
-            yield _Bad(f"row {line}", "empty 'text'")
+            yield _Bad(f"row {line}", _empty_text(text))
             continue
         title = row[i_title].strip() if i_title is not None and i_title < len(row) else ""
         given_id = row[i_id].strip() if i_id is not None and i_id < len(row) else ""
-        yield _Doc(title, text, given_id or f"{stem}:{record_index}")
+        yield _Doc(title, text, given_id or f"{stem}:{record_index}", f"row {line}")
 
 
 def _read_jsonl(path: Path, progress: _Progress, f: io.TextIOWrapper) -> Iterator[_Doc | _Bad]:
@@ -303,8 +315,11 @@ def _read_jsonl(path: Path, progress: _Progress, f: io.TextIOWrapper) -> Iterato
             yield _Bad(where, "missing 'text'")
             continue
         text, title = obj["text"], obj.get("title")  # no title -> empty title
-        if not isinstance(text, str) or not text.strip():
-            yield _Bad(where, "empty 'text'" if not text else f"'text' must be a string, got {type(text).__name__}")
+        if not isinstance(text, str):
+            yield _Bad(where, "empty 'text'" if text is None else f"'text' must be a string, got {type(text).__name__}")
+            continue
+        if not text.strip():
+            yield _Bad(where, _empty_text(text))
             continue
         if title is None:
             title = ""
@@ -313,7 +328,7 @@ def _read_jsonl(path: Path, progress: _Progress, f: io.TextIOWrapper) -> Iterato
             continue
         given_id = obj.get("id")
         doc_id = str(given_id).strip() if given_id is not None and str(given_id).strip() else f"{stem}:{record_index}"
-        yield _Doc(title.strip(), text, doc_id)
+        yield _Doc(title.strip(), text, doc_id, where)
 
 
 def load_squad_json(path: Path) -> list[Any]:
@@ -352,12 +367,13 @@ def _read_squad(path: Path) -> Iterator[_Doc | _Bad]:
             where = f"article {a_i} paragraph {p_i + 1}"
             context = para.get("context") if isinstance(para, dict) else None
             if not isinstance(context, str) or not context.strip():
-                yield _Bad(where, "empty 'context'" if isinstance(para, dict) else "expected a JSON object")
+                yield _Bad(where, ("'context' is only whitespace" if isinstance(context, str) and context else
+                                   "empty 'context'") if isinstance(para, dict) else "expected a JSON object")
                 continue
             if has_undecodable(context):
                 yield _Bad(where, _UNDECODABLE)
                 continue
-            yield _Doc(title, context, squad_doc_id(key, p_i))
+            yield _Doc(title, context, squad_doc_id(key, p_i), where)
 
 
 def squad_article_key(title: str, article_index: int) -> str:
@@ -458,15 +474,33 @@ def _as_paths(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     return paths
 
 
+DUPLICATE_IDS = ("error", "warn", "ignore")
+MAX_PASSAGE_CHARS = 100_000
+
+
 def _fill(sink: _Sink, paths: list[Path], fmt: str | None, passage_words: int, skip_bad_rows: bool,
-          passage_stride: int | None = None) -> dict[str, Any]:
-    stats: dict[str, Any] = {"documents": 0, "passages": 0, "skipped": 0, "skipped_rows": [], "sources": []}
+          passage_stride: int | None = None, max_passage_chars: int = MAX_PASSAGE_CHARS,
+          duplicate_ids: str = "error") -> dict[str, Any]:
+    """Read ``paths`` into ``sink``. Besides the readers' bad rows: a passage longer than ``max_passage_chars``
+    characters (0 = no limit; a bad row, named) and a ``doc_id`` given to two documents (``duplicate_ids``:
+    ``error`` names both rows, ``warn`` counts them in ``stats["duplicate_ids"]``, ``ignore``)."""
+    if duplicate_ids not in DUPLICATE_IDS:
+        raise DataError(f"duplicate_ids must be one of {', '.join(DUPLICATE_IDS)}, got {duplicate_ids!r}")
+    stats: dict[str, Any] = {"documents": 0, "passages": 0, "skipped": 0, "skipped_rows": [], "sources": [],
+                             "duplicate_ids": 0}
+    hashes = array("q")  # hash of every document's doc_id: 8 bytes a document, whatever the KB's size
     for path in paths:
         source_fmt = detect_format(path, fmt)
         n_docs = n_skipped = 0
         start = sink.n
         with closing(_iter_source(path, source_fmt)) as items:
             for item in items:
+                if isinstance(item, _Doc) and max_passage_chars and len(item.text) > max_passage_chars:
+                    chunks = _chunk(item.text, passage_words, passage_stride)
+                    longest = max(len(c) for c, _ in chunks)
+                    if longest > max_passage_chars:
+                        item = _Bad(item.where, f"a passage of {longest} characters (data.max_passage_chars="
+                                                f"{max_passage_chars}: text without spaces, or not text at all?)")
                 if isinstance(item, _Bad):
                     if not skip_bad_rows:
                         raise DataError(f"{path} {item.where}: {item.reason}")
@@ -475,6 +509,8 @@ def _fill(sink: _Sink, paths: list[Path], fmt: str | None, passage_words: int, s
                         stats["skipped_rows"].append(f"{path} {item.where}: {item.reason}")
                     continue
                 n_docs += 1
+                if duplicate_ids != "ignore":
+                    hashes.append(hash(item.doc_id))
                 for passage, char_start in _chunk(item.text, passage_words, passage_stride):
                     sink.add(item.title, passage, item.doc_id, char_start)
         if n_skipped:
@@ -494,7 +530,90 @@ def _fill(sink: _Sink, paths: list[Path], fmt: str | None, passage_words: int, s
     if sink.n == 0:
         skipped = f" ({stats['skipped']} bad row(s) skipped)" if stats["skipped"] else ""
         raise DataError(f"{', '.join(map(str, paths))}: no passages produced{skipped}")
+    if duplicate_ids != "ignore" and len(hashes) > 1:
+        import numpy as np
+
+        h = np.sort(np.frombuffer(hashes, dtype=np.int64))
+        dup_hashes = np.unique(h[1:][h[1:] == h[:-1]])
+        if len(dup_hashes):
+            first, n_dup = _duplicates(paths, fmt, set(dup_hashes.tolist()), skip_bad_rows)
+            stats["duplicate_ids"] = n_dup
+            if first is not None:  # None: a hash collision of distinct ids, not a duplicate
+                if duplicate_ids == "error":
+                    raise DataError(f"{first}; document ids must be unique (gold_doc names a document by its id; "
+                                    "data.duplicate_ids=warn keeps both rows)")
+                logger.warning("%d document id(s) given to more than one document (first: %s); kept all",
+                               n_dup, first)
     return stats
+
+
+def _duplicates(paths: list[Path], fmt: str | None, hashes: set[int], skip_bad_rows: bool) -> tuple[str | None, int]:
+    """Second reading, only when two doc_ids hashed alike: the first real duplicate as ``"<file> <row>: id
+    '<id>' is also the id of <file> <row>"`` (or None) and the number of documents that repeat an earlier id."""
+    seen: dict[str, str] = {}
+    first, n = None, 0
+    for path in paths:
+        with closing(_iter_source(path, detect_format(path, fmt))) as items:
+            for item in items:
+                if not isinstance(item, _Doc) or hash(item.doc_id) not in hashes:
+                    continue
+                where = f"{path} {item.where}"
+                if item.doc_id in seen:
+                    n += 1
+                    if first is None:
+                        first = f"{where}: id {item.doc_id!r} is also the id of {seen[item.doc_id]}"
+                else:
+                    seen[item.doc_id] = where
+    return first, n
+
+
+class _ScanSink:
+    """Counts passages and keeps only those of the documents in ``wanted`` (see :func:`scan_kb`)."""
+
+    def __init__(self, wanted: set[str]) -> None:
+        self.n = 0
+        self.wanted = wanted
+        self.rows: dict[str, list[Any]] = {c: [] for c in KB_COLUMNS}
+
+    def add(self, title: str, text: str, doc_id: str, char_start: int) -> None:
+        if doc_id in self.wanted:
+            for c, v in zip(KB_COLUMNS, (self.n, title, text, doc_id, char_start)):
+                self.rows[c].append(v)
+        self.n += 1
+
+
+def scan_kb(
+    sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    passage_words: int = 100,
+    skip_bad_rows: bool = False,
+    passage_stride: int | None = None,
+    max_passage_chars: int = MAX_PASSAGE_CHARS,
+    duplicate_ids: str = "error",
+    wanted_docs: Iterable[str] = (),
+) -> tuple[int, datasets.Dataset, dict[str, Any]]:
+    """Every check :func:`build_kb` makes on ``sources``, writing nothing: ``(passages, subset, stats)`` where
+    ``subset`` holds the passages (with the ids the built KB will give them) of the documents in ``wanted_docs``,
+    enough to check and resolve gold documents before the KB is built."""
+    sink = _ScanSink(set(wanted_docs))
+    stats = _fill(sink, _as_paths(sources), None, passage_words, skip_bad_rows, passage_stride,  # type: ignore[arg-type]
+                  max_passage_chars, duplicate_ids)
+    subset = datasets.Dataset(pa.Table.from_pydict(sink.rows, schema=_ARROW_SCHEMA),
+                              info=datasets.DatasetInfo(features=KB_FEATURES))
+    return sink.n, subset, stats
+
+
+def source_fingerprint(sources: list[str], passage_words: int, passage_stride: int = 0) -> str:
+    """What a KB built from ``sources`` depends on (paths, sizes, modification times, passage settings): the
+    trainer rebuilds its KB only when this changes."""
+    import hashlib
+
+    h = hashlib.sha256(str(passage_words).encode())
+    if passage_stride and passage_stride != passage_words:  # no overlap keeps the fingerprint it always had
+        h.update(f"stride={passage_stride}".encode())
+    for s in sources:
+        st = os.stat(s)
+        h.update(f"{os.path.abspath(s)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 def _save_quietly(ds: datasets.Dataset, path: Path, quiet: bool) -> None:
@@ -535,6 +654,8 @@ def build_kb(
     fmt: str | None = ...,
     return_stats: Literal[False] = ...,
     passage_stride: int | None = ...,
+    max_passage_chars: int = ...,
+    duplicate_ids: str = ...,
 ) -> datasets.Dataset: ...
 
 
@@ -548,6 +669,8 @@ def build_kb(
     *,
     return_stats: Literal[True],
     passage_stride: int | None = ...,
+    max_passage_chars: int = ...,
+    duplicate_ids: str = ...,
 ) -> tuple[datasets.Dataset, dict[str, Any]]: ...
 
 
@@ -559,6 +682,8 @@ def build_kb(
     fmt: str | None = None,
     return_stats: bool = False,
     passage_stride: int | None = None,
+    max_passage_chars: int = MAX_PASSAGE_CHARS,
+    duplicate_ids: str = "error",
 ) -> datasets.Dataset | tuple[datasets.Dataset, dict[str, Any]]:
     """Ingest one or more source files into a passage dataset (see the module docstring).
 
@@ -572,8 +697,12 @@ def build_kb(
         skip_bad_rows: skip (and count) bad rows instead of raising :class:`DataError`.
         fmt: force the format of every source (``csv``, ``tsv``, ``jsonl`` or ``squad``).
         passage_stride: words between passage starts (``None``/0 = ``passage_words``, no overlap).
+        max_passage_chars: a passage longer than this (characters; 0 = no limit) is a bad row: a document
+            without whitespace would otherwise become one huge passage that tokenization chokes on.
+        duplicate_ids: a ``doc_id`` given to two documents: ``error`` (naming both rows), ``warn`` (counted in
+            the stats' ``duplicate_ids``) or ``ignore``.
         return_stats: also return a stats dict with ``documents``, ``passages``, ``skipped``,
-            ``skipped_rows`` (first 20 messages) and per-source ``sources``.
+            ``skipped_rows`` (first 20 messages), ``duplicate_ids`` and per-source ``sources``.
 
     Raises:
         DataError: missing file / column, a bad row (unless skipped), or no passages at all.
@@ -588,7 +717,8 @@ def build_kb(
     if out_dir is None:
         sink = _Sink(None)
         try:
-            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows, passage_stride)
+            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows, passage_stride, max_passage_chars,
+                          duplicate_ids)
             table = sink.finish()
         finally:
             sink.close()
@@ -599,13 +729,18 @@ def build_kb(
     out = Path(out_dir)
     if out.exists() and not _is_replaceable_kb_dir(out):
         raise DataError(f"{out}: exists and is not a saved knowledge base; refusing to overwrite it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise DataError(f"{out}: {out.parent} is a file, not a folder")
     created = _missing_ancestors(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for stale in sweep_stale_builds(out):
+        logger.info("removed %s left by an interrupted KB build", stale)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         sink = _Sink(tmp / "passages.arrow")
         try:
-            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows, passage_stride)
+            stats = _fill(sink, paths, fmt, passage_words, skip_bad_rows, passage_stride, max_passage_chars,
+                          duplicate_ids)
             sink.finish()
         finally:
             sink.close()
@@ -632,6 +767,30 @@ def build_kb(
     shutil.rmtree(tmp, ignore_errors=True)
     ds = load_kb(out)
     return (ds, stats) if return_stats else ds
+
+
+def sweep_stale_builds(out: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries ``.<name>.tmp-<pid>-*`` that a killed build of ``out`` left beside it (their
+    process is gone; a build still running elsewhere keeps its own). Returns what was removed."""
+    out = Path(out)
+    removed = []
+    for p in out.parent.glob(f".{out.name}.tmp-*") if out.parent.is_dir() else []:
+        pid = p.name[len(f".{out.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def load_kb(path: str | os.PathLike[str]) -> datasets.Dataset:

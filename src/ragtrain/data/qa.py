@@ -51,7 +51,7 @@ from ragtrain.data.kb import (
     strip_compression,
 )
 
-__all__ = ["QA_FORMATS", "SPLITS", "detect_qa_format", "load_qa", "split_by_article"]
+__all__ = ["QA_FORMATS", "SPLITS", "detect_qa_format", "load_qa", "qa_gold_docs", "split_by_article"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class _Stats:
     skipped_rows: list[str] = field(default_factory=list)
     unanswerable: int = 0
     gold_unresolved: int = 0
+    gold_docs: int = 0
 
 
 def _clean_answers(raw: Any) -> list[str] | None:
@@ -347,6 +348,8 @@ def load_qa(
     passage_words: int = ...,
     skip_bad_rows: bool = ...,
     return_stats: Literal[False] = ...,
+    kb_size: int | None = ...,
+    max_unknown_gold_fraction: float | None = ...,
 ) -> list[dict[str, Any]]: ...
 
 
@@ -359,6 +362,8 @@ def load_qa(
     skip_bad_rows: bool = ...,
     *,
     return_stats: Literal[True],
+    kb_size: int | None = ...,
+    max_unknown_gold_fraction: float | None = ...,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]: ...
 
 
@@ -369,6 +374,8 @@ def load_qa(
     passage_words: int = 100,
     skip_bad_rows: bool = False,
     return_stats: bool = False,
+    kb_size: int | None = None,
+    max_unknown_gold_fraction: float | None = None,
 ) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[str, Any]]:
     """Load question/answer examples (see the module docstring for formats and gold passages).
 
@@ -380,7 +387,11 @@ def load_qa(
             ``build_kb(path, passage_words=passage_words)`` built from this file alone.
         skip_bad_rows: skip and count bad rows instead of raising :class:`DataError`.
         return_stats: also return ``{"examples", "skipped", "skipped_rows", "unanswerable",
-            "gold_unresolved"}``.
+            "gold_unresolved", "gold_docs"}``.
+        kb_size: the number of passages of the KB ``gold_passage_id`` must fall in (default ``len(kb)``; given
+            when ``kb`` holds only some passages of a KB not built yet, see :func:`ragtrain.data.kb.scan_kb`).
+        max_unknown_gold_fraction: with ``kb``: a :class:`DataError` when more than this fraction of the
+            examples naming a gold document name one the KB does not hold (the wrong KB, or ids that differ).
     """
     p = Path(path)
     kind = detect_qa_format(p, fmt)
@@ -388,13 +399,8 @@ def load_qa(
     stats = _Stats()
     examples: list[_Example] = []
     reader: Iterator[Any]
-    if kind == "jsonl":
-        reader = _read_jsonl(p, len(kb) if kb is not None else None)
-    elif kind == "squad":
-        reader = _read_squad(p)
-    else:
-        reader = _read_lines(p)
-    for item in reader:
+    size = kb_size if kb_size is not None else len(kb) if kb is not None else None
+    for item in _reader(p, kind, size):
         if isinstance(item, _Example):
             examples.append(item)
         elif item == "unanswerable":
@@ -410,11 +416,20 @@ def load_qa(
     gold_kb = kb
     if gold_kb is None and kind == "squad" and examples:
         try:
-            gold_kb = build_kb(p, fmt="squad", passage_words=passage_words, skip_bad_rows=True)
+            gold_kb = build_kb(p, fmt="squad", passage_words=passage_words, skip_bad_rows=True, max_passage_chars=0,
+                               duplicate_ids="ignore")
         except DataError:
             gold_kb = None  # no usable contexts: every gold stays -1
+    stats.gold_docs = sum(ex.gold_doc is not None for ex in examples)
     if gold_kb is not None:
         stats.gold_unresolved = _resolve_gold(examples, gold_kb)
+        if kb is not None and max_unknown_gold_fraction is not None and stats.gold_docs \
+                and stats.gold_unresolved > max_unknown_gold_fraction * stats.gold_docs:
+            first = next(ex for ex in examples if ex.gold_doc is not None and ex.gold_passage_id < 0)
+            raise DataError(f"{p}: {stats.gold_unresolved} of {stats.gold_docs} gold documents are not in the "
+                            f"knowledge base (first: {first.gold_doc!r}, question {first.id!r}); more than "
+                            f"data.max_unknown_gold_fraction={max_unknown_gold_fraction} (the wrong KB, or ids that "
+                            "differ from the KB's)")
     else:
         stats.gold_unresolved = sum(ex.gold_doc is not None for ex in examples)
 
@@ -433,7 +448,30 @@ def load_qa(
             "skipped_rows": stats.skipped_rows,
             "unanswerable": stats.unanswerable,
             "gold_unresolved": stats.gold_unresolved,
+            "gold_docs": stats.gold_docs,
         }
+    return out
+
+
+def _reader(p: Path, kind: str, kb_size: int | None) -> Iterator[Any]:
+    if kind == "jsonl":
+        return _read_jsonl(p, kb_size)
+    if kind == "squad":
+        return _read_squad(p)
+    return _read_lines(p)
+
+
+def qa_gold_docs(path: str | os.PathLike[str], fmt: str | None = None, skip_bad_rows: bool = False) -> set[str]:
+    """The KB document ids (``gold_doc``) the questions of ``path`` name; bad rows raise as in :func:`load_qa`."""
+    p = Path(path)
+    kind = detect_qa_format(p, fmt)
+    check_file(p)
+    out = set()
+    for item in _reader(p, kind, None):
+        if isinstance(item, _Bad) and not skip_bad_rows:
+            raise DataError(item.message())
+        if isinstance(item, _Example) and item.gold_doc is not None:
+            out.add(item.gold_doc)
     return out
 
 

@@ -13,7 +13,6 @@ Run it with ``python train.py --config launch/recipes/tiny-cpu.yaml`` or any Acc
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -34,15 +33,16 @@ from transformers import get_linear_schedule_with_warmup
 
 from ragtrain.config import Config, ConfigError, dump_config, report_to_trackers
 from ragtrain.data.collate import RagCollator
-from ragtrain.data.kb import build_kb, load_kb
+from ragtrain.data.kb import build_kb, load_kb, source_fingerprint, sweep_stale_builds
 from ragtrain.data.kb_tokens import PassageTokens
-from ragtrain.data.qa import load_qa, split_by_article
+from ragtrain.data.qa import load_qa
 from ragtrain.eval.evaluate import predict, summarize
 from ragtrain.index.async_refresh import EncodeJob, write_snapshot
 from ragtrain.index.faiss_index import DenseIndex
 from ragtrain.index.refresh import IndexStore, RefreshSchedule
 from ragtrain.model.lora import is_lora, merged_copy
 from ragtrain.model.loading import build_rag_model, export_models
+from ragtrain.preflight import check_run, make_splits
 from ragtrain.retrieval import build_retriever, retriever_settings
 from ragtrain.train import checkpoint as ckpt
 from ragtrain.train import distributed as D
@@ -168,14 +168,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
                        **kwargs)
 
 
-def _fingerprint(sources: list[str], passage_words: int, passage_stride: int = 0) -> str:
-    h = hashlib.sha256(str(passage_words).encode())
-    if passage_stride and passage_stride != passage_words:  # no overlap keeps the fingerprint it always had
-        h.update(f"stride={passage_stride}".encode())
-    for s in sources:
-        st = os.stat(s)
-        h.update(f"{os.path.abspath(s)}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+_fingerprint = source_fingerprint
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -193,15 +186,14 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        # every config, data, model-folder, DeepSpeed-JSON and output_dir problem, before anything is written
+        check_run(cfg)
+        previous = previous_run(self.out) if not cfg.resume else []  # overwrite=true (else check_run refused)
         self.accelerator = make_accelerator(cfg)
         acc = self.accelerator
         self.is_main = acc.is_main_process
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        previous = previous_run(self.out) if not cfg.resume else []
-        if previous and not cfg.overwrite:
-            raise ConfigError(f"output_dir: {self.out} holds a previous run ({', '.join(previous)}); pass "
-                              "resume=true to continue it, overwrite=true to replace it, or another output_dir")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if previous:
@@ -267,6 +259,9 @@ class Trainer:
             self.kb_dir = Path(cfg.kb[0])
             return load_kb(self.kb_dir)
         self.kb_dir = kb_dir
+        if self.is_main:  # what a killed build of this KB (ragtrain kb, or a run) left beside it
+            for p in sweep_stale_builds(kb_dir):
+                log.info("removed %s left by an interrupted KB build", p)
         if cfg.kb:
             fp = _fingerprint(cfg.kb, cfg.passage_words, cfg.passage_stride)
             stamp = kb_dir / "ragtrain_sources.json"
@@ -275,31 +270,18 @@ class Trainer:
                 if current != fp:
                     log.info("building knowledge base from %s into %s", ", ".join(cfg.kb), kb_dir)
                     build_kb(cfg.kb, kb_dir, passage_words=cfg.passage_words, skip_bad_rows=cfg.skip_bad_rows,
-                             passage_stride=cfg.passage_stride)
+                             passage_stride=cfg.passage_stride, max_passage_chars=cfg.max_passage_chars,
+                             duplicate_ids=cfg.duplicate_ids)
                     ckpt.write_text_atomic(stamp, json.dumps({"fingerprint": fp, "sources": cfg.kb}))
             D.barrier()
         return load_kb(kb_dir)
 
     def _load_qa(self) -> dict[str, list[dict]]:
         d = self.cfg.data
-        kw = dict(kb=self.kb, passage_words=d.passage_words, skip_bad_rows=d.skip_bad_rows)
-        train = load_qa(d.train, **kw)
-        if d.split_by_article:
-            splits = split_by_article(train, tuple(d.split_fractions), seed=self.cfg.seed)
-        else:
-            splits = {"train": train, "validation": [], "test": []}
-        for key in ("validation", "test"):
-            if getattr(d, key):
-                splits[key] = load_qa(getattr(d, key), **kw)
-        if not splits["train"]:
-            how = " after split_by_article (too few articles)" if d.split_by_article else ""
-            raise ConfigError(f"data.train: no training examples in {d.train}{how}")
+        splits = make_splits(self.cfg, lambda path: load_qa(
+            path, kb=self.kb, passage_words=d.passage_words, skip_bad_rows=d.skip_bad_rows,
+            max_unknown_gold_fraction=d.max_unknown_gold_fraction))
         if not splits["validation"] and not splits["test"]:
-            if d.split_by_article or d.validation or d.test:  # evaluation was asked for, and got no question
-                how = (f"split_by_article left none from {len(train)} example(s) in {d.train} (add rows, or give "
-                       "data.validation / data.test)") if d.split_by_article else \
-                    f"{d.validation or d.test} holds none"
-                raise ConfigError(f"data.validation: no validation or test examples to evaluate on; {how}")
             # no split configured at all (e.g. a speed run): train without evaluation, and say so
             log.warning("no data.validation, data.test or data.split_by_article: the run is not evaluated")
         if d.max_eval_examples:
