@@ -66,9 +66,11 @@ def test_encode_kb_writes_this_ranks_shard_and_drops_its_pages(tiny_cfg, tmp_pat
     """The shard is written through a memory map whose pages are released as it goes (so the slice does not
     accumulate in RSS); one process: one shard holding the whole KB in order."""
     tr = Trainer(tiny_cfg(**{"index.encode_batch_size": 3}))
+    import ragtrain.index.shards as S
+
     dropped = []
-    real = T.drop_pages
-    monkeypatch.setattr(T, "drop_pages", lambda a: dropped.append(type(a).__name__) or real(a))
+    real = S.drop_pages
+    monkeypatch.setattr(S, "drop_pages", lambda a: dropped.append(type(a).__name__) or real(a))
     shards = tr.encode_kb(shard_dir=tmp_path / "sh")
     assert shards == [tmp_path / "sh" / "shard_00000.npy"]
     np.testing.assert_array_equal(np.load(shards[0]), tr.encode_kb())

@@ -37,8 +37,9 @@ from ragtrain.data.kb import build_kb, load_kb
 from ragtrain.data.kb_tokens import PassageTokens
 from ragtrain.data.qa import load_qa, split_by_article
 from ragtrain.eval.evaluate import predict, summarize
-from ragtrain.index.faiss_index import DenseIndex, drop_pages
-from ragtrain.index.refresh import EMBEDDINGS_FILE, IndexStore, RefreshSchedule
+from ragtrain.index.faiss_index import DenseIndex
+from ragtrain.index.refresh import IndexStore, RefreshSchedule
+from ragtrain.index.shards import ShardWriter, index_and_publish, shard_path, shard_paths
 from ragtrain.model.loading import build_rag_model, export_models
 from ragtrain.retrieval import build_retriever, retriever_settings
 from ragtrain.train import checkpoint as ckpt
@@ -517,17 +518,13 @@ class Trainer:
         if shard_dir is None:
             local = torch.zeros((len(tokens), dim))
         else:
-            shard_dir.mkdir(parents=True, exist_ok=True)
-            dtype = np.dtype(self.cfg.index.embedding_dtype)
-            local = np.lib.format.open_memmap(shard_dir / f"shard_{D.rank():05d}.npy", mode="w+", dtype=dtype,
-                                              shape=(len(tokens), dim))
-            drop_every = max(1, (64 << 20) // max(1, dim * dtype.itemsize * bs))  # batches per ~64 MB written
+            local = ShardWriter(shard_path(shard_dir, D.rank()), len(tokens), dim, self.cfg.index.embedding_dtype)
         batches = tokens.batches(bs)
         # under ZeRO-3 every rank must call the partitioned encoder the same number of times: ranks with fewer
         # batches run a one-passage dummy batch
         dummy = self._passage_inputs([0])
         device = self.accelerator.device
-        for b in tqdm(range(D.n_batches(n, D.world(), bs)), desc=f"encode KB ({n} passages)",
+        for _ in tqdm(range(D.n_batches(n, D.world(), bs)), desc=f"encode KB ({n} passages)",
                       disable=not self.is_main):
             pos, ids, mask = next(batches, (None, dummy["input_ids"], dummy["attention_mask"]))
             self._encode_calls["dummy" if pos is None else "real"] += 1
@@ -538,15 +535,12 @@ class Trainer:
             if shard_dir is None:
                 local[torch.from_numpy(pos)] = emb.float().cpu()
             else:
-                local[pos] = emb.float().cpu().numpy().astype(local.dtype, copy=False)
-                if (b + 1) % drop_every == 0:
-                    drop_pages(local)
+                local.write(pos, emb.float().cpu().numpy())
         enc.train(was_training)
         if shard_dir is not None:
-            drop_pages(local)  # flushes, then releases the pages
-            del local
+            local.close()  # flushed, pages released
             D.barrier()  # every shard is complete on disk
-            return [shard_dir / f"shard_{r:05d}.npy" for r in range(D.world())] if self.is_main else None
+            return shard_paths(shard_dir, D.world()) if self.is_main else None
         allv, _ = D.gather_rows(local.to(device))
         return allv.cpu().numpy() if self.is_main else None
 
@@ -565,10 +559,8 @@ class Trainer:
             shard_dir = self.store.root / SHARDS_DIR
             shards = self.encode_kb(shard_dir=shard_dir)
             if self.is_main:
-                index = DenseIndex.build_chunked([np.load(p, mmap_mode="r") for p in shards], **kw)
-                version = self.store.publish(index, step=self.step, shards=shards)
+                index, emb, version = index_and_publish(self.store, shards, step=self.step, **kw)
                 shutil.rmtree(shard_dir, ignore_errors=True)
-                emb = np.load(self.store.version_dir(version) / EMBEDDINGS_FILE, mmap_mode="r")
         else:
             emb = self.encode_kb()
             if self.is_main:
