@@ -210,7 +210,8 @@ class DenseIndex:
         if len(dims) != 1 or any(s.ndim != 2 for s in sources):
             raise ValueError(f"DenseIndex.build_chunked: sources must be 2-D with one dim, got shapes "
                              f"{[tuple(s.shape) for s in sources]}")
-        index = cls(dims.pop(), kind, **kw)
+        use_gpu = bool(kw.pop("use_gpu", False))
+        index = cls(dims.pop(), kind, **kw)  # on CPU while adding; moved to GPUs once complete
         if kind in _IVF_KINDS:
             index.train(_sample_rows(sources, index.train_size, seed))
         start = 0
@@ -221,6 +222,9 @@ class DenseIndex:
                 del chunk
                 _drop_pages(src)
             start += src.shape[0]
+        if use_gpu:
+            index.use_gpu = True
+            index.to_gpu()
         return index
 
     def _effective_nlist(self, n: int) -> int:
