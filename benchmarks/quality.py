@@ -238,16 +238,29 @@ def _cached_initial_encode(trainer_cls):
     """Wrap ``trainer_cls.encode_kb`` so that a step-0 encode is computed once per key (see above)."""
     inner = trainer_cls.encode_kb
 
-    def encode_kb(self):
+    def encode_kb(self, shard_dir=None):
+        import numpy as np
+        def run():
+            return inner(self) if shard_dir is None else inner(self, shard_dir=shard_dir)
+
         if self.step != 0:
-            return inner(self)
+            return run()
         key = _initial_vectors_key(self.cfg)
         if key not in _INITIAL_VECTORS:
-            _INITIAL_VECTORS[key] = inner(self)
-        else:
-            log.info("initial KB vectors reused from an earlier arm (same initial context encoder and settings)")
+            out = run()
+            # the sharded refresh returns shard paths (removed once indexed): keep their vectors
+            _INITIAL_VECTORS[key] = (np.concatenate([np.load(p) for p in out])
+                                     if shard_dir is not None and out is not None else out)
+            return out
+        log.info("initial KB vectors reused from an earlier arm (same initial context encoder and settings)")
         vec = _INITIAL_VECTORS[key]
-        return None if vec is None else vec.copy()
+        if shard_dir is None:
+            return None if vec is None else vec.copy()
+        from ragtrain.index.shards import ShardWriter, shard_path  # one process here: one shard holds them all
+
+        w = ShardWriter(shard_path(shard_dir, 0), len(vec), vec.shape[1], vec.dtype)
+        w.write(np.arange(len(vec)), vec)
+        return [w.close()]
 
     encode_kb.__wrapped__ = inner
     return encode_kb

@@ -21,7 +21,7 @@ from conftest import ROOT, tiny_overrides
 pytestmark = pytest.mark.slow
 STEPS = 4
 COMMON = {"rag.mode": "end2end", "index.refresh_every": 2, "train.max_steps": STEPS, "train.batch_size": 4,
-          "train.log_every": 1, "data.max_eval_examples": 12}
+          "train.log_every": 1, "data.max_eval_examples": 12, "index.keep_versions": 5}
 
 
 def _port() -> int:
@@ -49,6 +49,10 @@ def _losses(out):
 
 def _final(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+
+
+def _stored(out, version):
+    return np.load(out / "index" / f"v{version:06d}" / "embeddings.npy")
 
 
 def _retrieved(out):
@@ -82,6 +86,13 @@ def test_zero_matches_single_process(single, tmp_path, stage, buckets, encode_bs
     # <= 2e-4 relative after a refresh).  An LR schedule advanced per process, a wrong shard or a wrong
     # retrieval moves the curve by >= 1e-3.
     np.testing.assert_allclose(_losses(out), _losses(single), rtol=5e-4 if stage == 3 else 1e-4)
+    # every refresh went through the ranks' memory-mapped shards (index.refresh_path=shards): the published vectors
+    # (the shards in rank order) equal the single process's; the first refresh precedes training, so only batch
+    # composition (padding widths) differs there; later ones carry the trained encoder's run-to-run noise
+    assert not (out / "index" / ".shards").exists()
+    np.testing.assert_allclose(_stored(out, 1), _stored(single, 1), atol=1e-5)
+    for v in (2, 3):
+        np.testing.assert_allclose(_stored(out, v), _stored(single, v), atol=2e-3 if stage else 1e-4)  # ZeRO: 4e-4 seen
     assert _retrieved(out) == _retrieved(single), "rank-0 routed retrieval differs from single-process"
     f_dist, f_single = _final(out), _final(single)
     assert f_dist["index_version"] == f_single["index_version"] == 3
@@ -214,11 +225,11 @@ from ragtrain.train import trainer as T
 real = T.Trainer.encode_kb
 calls = []
 
-def encode_kb(self):
+def encode_kb(self, *args, **kwargs):
     calls.append(1)
     if len(calls) == 2 and os.environ["RANK"] == "1":
         os._exit(3)  # rank 1 dies in the middle of the second refresh, without a word
-    return real(self)
+    return real(self, *args, **kwargs)
 
 T.Trainer.encode_kb = encode_kb
 from ragtrain.train.run import main
@@ -260,6 +271,13 @@ def test_accelerate_launch_zero_stage_flag_is_honoured(single, tmp_path, stage):
     assert all(r["world_size"] == 2 and r["zero_stage"] == stage and "DEEPSPEED" in r["distributed_type"]
                for r in ranks), ranks
     np.testing.assert_allclose(_losses(out), _losses(single), rtol=5e-4 if stage == 3 else 1e-4)
+    # every refresh went through the ranks' memory-mapped shards (index.refresh_path=shards): the published vectors
+    # (the shards in rank order) equal the single process's; the first refresh precedes training, so only batch
+    # composition (padding widths) differs there; later ones carry the trained encoder's run-to-run noise
+    assert not (out / "index" / ".shards").exists()
+    np.testing.assert_allclose(_stored(out, 1), _stored(single, 1), atol=1e-5)
+    for v in (2, 3):
+        np.testing.assert_allclose(_stored(out, v), _stored(single, v), atol=2e-3 if stage else 1e-4)  # ZeRO: 4e-4 seen
 
 
 def test_launcher_flags_that_contradict_the_recipe_stop_the_run(tmp_path, monkeypatch):

@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--checkpoint", required=True, help="exported dir (OUTPUT_DIR/final)")
     i.add_argument("--kb", required=True)
     i.add_argument("--out", required=True)
-    i.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"])
+    i.add_argument("--kind", default="flat", choices=["flat", "ivf", "ivfpq", "hnsw"])
     i.add_argument("--batch-size", type=int, default=64)
     i.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda, cuda:N")
 

@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 MODES = ("end2end", "original", "generator_only", "retriever_only")
 LOSS_TYPES = ("sequence", "token")
 POOLINGS = ("pooler", "cls", "mean")
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+REFRESH_PATHS = ("shards", "gather")
+EMBEDDING_DTYPES = ("float32", "float16")
 GENERATOR_TYPES = ("auto", "causal", "seq2seq")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 RETRIEVERS = ("dense", "bm25", "hybrid")
@@ -130,6 +132,14 @@ class IndexConfig:
     nlist: int = 1024
     nprobe: int = 32
     hnsw_m: int = 32
+    pq_m: int = 16  # ivfpq: sub-quantizers (the encoder's dim must be divisible by it)
+    pq_bits: int = 8  # ivfpq: bits per sub-quantizer code (a vector costs pq_m * pq_bits / 8 bytes)
+    train_size: int = 131072  # ivf/ivfpq: vectors the index is trained on (a random sample when the KB is larger)
+    # shards: every rank writes its KB vectors to a memory-mapped .npy shard on disk and rank 0 builds the index
+    # from the shards chunk by chunk (the N x d matrix never sits whole in a process's RAM; all ranks must see
+    # output_dir); gather: all-gather every vector into every rank's RAM (the former path)
+    refresh_path: str = "shards"
+    embedding_dtype: str = "float32"  # stored vectors (shards, embeddings.npy) in float32 or float16
     use_gpu: bool = False
     gpu_fp16: bool = False
     keep_versions: int = 2
@@ -357,6 +367,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     choice("model.generator_type", cfg.model.generator_type, GENERATOR_TYPES)
     choice("index.kind", cfg.index.kind, INDEX_KINDS)
     choice("index.retriever", cfg.index.retriever, RETRIEVERS)
+    choice("index.refresh_path", cfg.index.refresh_path, REFRESH_PATHS)
+    choice("index.embedding_dtype", cfg.index.embedding_dtype, EMBEDDING_DTYPES)
+    if not 1 <= cfg.index.pq_bits <= 16:
+        raise ConfigError(f"index.pq_bits: must be between 1 and 16, got {cfg.index.pq_bits}")
     choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     if cfg.rag.n_docs < 1:
         raise ConfigError(f"rag.n_docs: must be >= 1, got {cfg.rag.n_docs}")
@@ -408,7 +422,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for key in ("eval_every", "save_every", "keep_checkpoints", "log_every", "warmup_steps", "num_workers",
                 "generator_lr", "question_encoder_lr", "context_encoder_lr", "weight_decay", "max_grad_norm"):
         positive(f"train.{key}", getattr(cfg.train, key), allow_zero=True)
-    for key in ("encode_batch_size", "nlist", "nprobe", "hnsw_m", "keep_versions"):
+    for key in ("encode_batch_size", "nlist", "nprobe", "hnsw_m", "pq_m", "train_size", "keep_versions"):
         positive(f"index.{key}", getattr(cfg.index, key))
     positive("eval.num_beams", cfg.eval.num_beams)
     choice("eval.decoding", cfg.eval.decoding, DECODINGS)
@@ -572,7 +586,7 @@ HELP: dict[str, str] = {
     "rag.generator_buckets": "> 1: generator rows in this many length-sorted forward calls (less padding)",
     "rag.rerank_top": ">= n_docs: retrieve this many, keep the n_docs the live context encoder scores best; 0 = off",
     "index.retriever": "dense | bm25 | hybrid (lexical ones need rag.mode=original or generator_only)",
-    "index.kind": "flat (exact) | ivf | hnsw",
+    "index.kind": "flat (exact) | ivf | ivfpq (IVF + product quantisation: pq_m * pq_bits / 8 bytes a vector) | hnsw",
     "index.refresh_mode": "sync (training waits for the re-encode) | async (a separate process encodes a snapshot "
                           "while training continues; swapped in index.async_lag steps later)",
     "index.async_lag": "async refresh: steps between the snapshot and the swap (the run waits there if needed)",
@@ -583,6 +597,12 @@ HELP: dict[str, str] = {
     "index.nlist": "IVF lists",
     "index.nprobe": "IVF lists probed per search",
     "index.hnsw_m": "HNSW neighbours per node",
+    "index.pq_m": "ivfpq sub-quantizers (the encoder's dim must be divisible by it)",
+    "index.pq_bits": "ivfpq bits per sub-quantizer code (1-16; clipped to log2 of the training vectors)",
+    "index.train_size": "ivf/ivfpq: vectors the index is trained on (a random sample of a larger KB)",
+    "index.refresh_path": "shards: each rank writes its KB vectors to a memory-mapped shard that rank 0 indexes "
+                          "chunk by chunk (all ranks must see output_dir) | gather: all-gather them into RAM",
+    "index.embedding_dtype": "float32 | float16: the stored vectors (shards and embeddings.npy)",
     "index.use_gpu": "build and search the index on GPUs (faiss-gpu)",
     "index.gpu_fp16": "GPU index in fp16",
     "index.keep_versions": "index versions kept on disk (those a checkpoint uses are kept too)",

@@ -45,8 +45,9 @@ class EncodeJob:
     def done(self) -> bool:
         return self.proc.poll() is not None
 
-    def result(self) -> np.ndarray:
-        """Wait for the child; its (N, d) vectors (RuntimeError naming the log when it failed)."""
+    def result(self) -> Path:
+        """Wait for the child; the ``.npy`` file of its (N, d) vectors (RuntimeError naming the log when it
+        failed)."""
         rc = self.proc.wait()
         self._log.close()
         path = self.snapshot / RESULT
@@ -54,7 +55,7 @@ class EncodeJob:
             tail = (self.snapshot / "encode.log").read_text(errors="replace")[-2000:] \
                 if (self.snapshot / "encode.log").is_file() else ""
             raise RuntimeError(f"async KB encode from {self.snapshot} failed (exit {rc}); log tail:\n{tail}")
-        return np.load(path)
+        return path
 
     def cancel(self) -> None:
         if self.proc.poll() is None:

@@ -5,7 +5,16 @@
 * ``"flat"``  -- exact search, ``IndexFlatIP`` inside ``IndexIDMap2``;
 * ``"ivf"``   -- ``IndexIVFFlat`` (inner-product metric) trained on the embeddings themselves, with
   ``nlist`` clipped to ``max(1, N // 39)`` for small ``N`` (FAISS wants ~39 points per centroid);
+* ``"ivfpq"`` -- ``IndexIVFPQ`` (inner-product metric, residual product quantisation): ``pq_m`` sub-quantizers
+  of ``pq_bits`` bits each, so a vector costs ``pq_m * pq_bits / 8`` bytes (plus its 8-byte id) instead of
+  ``4 * dim``; ``dim`` must be divisible by ``pq_m``; ``pq_bits`` is clipped to ``log2(N)`` for tiny ``N``
+  (a PQ codebook of ``2**bits`` centroids needs at least that many training points);
 * ``"hnsw"``  -- ``IndexHNSWFlat(dim, M, METRIC_INNER_PRODUCT)`` inside ``IndexIDMap2``.
+
+IVF and IVF-PQ are trained on at most ``train_size`` vectors: all of them when ``N <= train_size``, else a
+seeded random sample (:meth:`DenseIndex.train`, or the first batch given to :meth:`DenseIndex.add`);
+:meth:`DenseIndex.build_chunked` trains on a sample drawn across chunked sources (e.g. memory-mapped
+shards) and then adds them chunk by chunk, so the vectors never need to sit whole in RAM.
 
 Ids are knowledge-base row ids (int64).  With ``use_gpu=True`` and a GPU build of FAISS with visible
 GPUs, the flat/IVF index is sharded across all GPUs (``index_cpu_to_all_gpus`` with
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +40,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DenseIndex", "torch_flat_search", "INDEX_FILE", "META_FILE"]
+__all__ = ["DenseIndex", "torch_flat_search", "INDEX_FILE", "META_FILE", "drop_pages"]
 
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.json"
-_KINDS = ("flat", "ivf", "hnsw")
+_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+_IVF_KINDS = ("ivf", "ivfpq")
+DEFAULT_TRAIN_SIZE = 1 << 17  # vectors an IVF/IVF-PQ index is trained on (a sample when N is larger)
 _MIN_POINTS_PER_CENTROID = 39
 
 _warned_no_gpu = False
@@ -55,6 +67,41 @@ def _faiss_num_gpus() -> int:
         return int(get())
     except Exception:  # pragma: no cover - defensive: broken CUDA runtime
         return 0
+
+
+def _sample_rows(sources: list[np.ndarray], size: int, seed: int) -> np.ndarray:
+    """At most ``size`` rows drawn uniformly (seeded, in order) across ``sources``, as one float32 array; all rows
+    when there are not more than ``size``."""
+    lengths = [int(s.shape[0]) for s in sources]
+    total = sum(lengths)
+    if total <= size:
+        return np.concatenate([_as_float32_2d(s[:], "embeddings") for s in sources]) if len(sources) > 1 \
+            else _as_float32_2d(sources[0][:], "embeddings")
+    pick = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+    out, start = [], 0
+    for src, n in zip(sources, lengths):
+        mine = pick[(pick >= start) & (pick < start + n)] - start
+        if len(mine):
+            out.append(np.asarray(src[mine], dtype=np.float32))
+        _drop_pages(src)
+        start += n
+    return np.ascontiguousarray(np.concatenate(out))
+
+
+def _drop_pages(arr: Any) -> None:
+    """Release the resident pages of a file-backed ``np.memmap`` (they count in the process's RSS while mapped;
+    clean or flushed pages are re-read from the file on the next access).  A no-op for anything else."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is None:
+        base = getattr(arr, "base", None)
+        mm = base if isinstance(base, mmap.mmap) else getattr(base, "_mmap", None)
+    if isinstance(mm, mmap.mmap) and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            if getattr(arr, "mode", "r") != "r" and hasattr(arr, "flush"):
+                arr.flush()
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # pragma: no cover - e.g. a closed map
+            pass
 
 
 def _as_float32_2d(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
@@ -89,11 +136,21 @@ class DenseIndex:
         ef_construction: int = 64,
         use_gpu: bool = False,
         gpu_fp16: bool = False,
+        pq_m: int = 16,
+        pq_bits: int = 8,
+        train_size: int = DEFAULT_TRAIN_SIZE,
     ) -> None:
         if kind not in _KINDS:
             raise ValueError(f"DenseIndex: unknown kind {kind!r}; expected one of {_KINDS}")
         if dim < 1:
             raise ValueError(f"DenseIndex: dim must be >= 1, got {dim}")
+        if kind == "ivfpq":
+            if pq_m < 1 or dim % pq_m:
+                raise ValueError(f"DenseIndex: ivfpq needs dim ({dim}) divisible by pq_m ({pq_m})")
+            if not 1 <= pq_bits <= 16:
+                raise ValueError(f"DenseIndex: pq_bits must be between 1 and 16, got {pq_bits}")
+        if train_size < 1:
+            raise ValueError(f"DenseIndex: train_size must be >= 1, got {train_size}")
         self._dim = int(dim)
         self.kind = kind
         self.nlist = int(nlist)  # requested; the effective value is fixed at training time
@@ -103,8 +160,12 @@ class DenseIndex:
         self.ef_construction = int(ef_construction)
         self.use_gpu = bool(use_gpu)
         self.gpu_fp16 = bool(gpu_fp16)
+        self.pq_m = int(pq_m)
+        self.pq_bits = int(pq_bits)  # requested; the effective value is fixed at training time
+        self.train_size = int(train_size)
+        self._effective_pq_bits_value: int | None = None
         self._on_gpu = False
-        self._index: Any = None  # built lazily for ivf (nlist depends on N)
+        self._index: Any = None  # built lazily for ivf/ivfpq (nlist depends on N)
         self._effective_nlist_value: int | None = None
         if kind == "flat":
             self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self._dim))
@@ -129,19 +190,78 @@ class DenseIndex:
         index.add(emb, ids)
         return index
 
+    @classmethod
+    def build_chunked(
+        cls,
+        sources: list[np.ndarray],
+        kind: str = "flat",
+        *,
+        chunk_rows: int = 1 << 16,
+        seed: int = 0,
+        **kw: Any,
+    ) -> DenseIndex:
+        """Index the rows of ``sources`` (2-D arrays, typically read-only memory maps of shards, in id order:
+        ids ``0..N-1`` across them) without ever holding them whole: IVF kinds are trained first on a sample
+        of at most ``train_size`` rows drawn across all sources, then every source is added ``chunk_rows``
+        rows at a time (each chunk copied to float32, then released)."""
+        if not sources:
+            raise ValueError("DenseIndex.build_chunked: no sources")
+        dims = {int(s.shape[1]) for s in sources}
+        if len(dims) != 1 or any(s.ndim != 2 for s in sources):
+            raise ValueError(f"DenseIndex.build_chunked: sources must be 2-D with one dim, got shapes "
+                             f"{[tuple(s.shape) for s in sources]}")
+        use_gpu = bool(kw.pop("use_gpu", False))
+        index = cls(dims.pop(), kind, **kw)  # on CPU while adding; moved to GPUs once complete
+        if kind in _IVF_KINDS:
+            index.train(_sample_rows(sources, index.train_size, seed))
+        start = 0
+        for src in sources:
+            for lo in range(0, src.shape[0], chunk_rows):
+                chunk = _as_float32_2d(src[lo: lo + chunk_rows], "embeddings")
+                index.add(chunk, np.arange(start + lo, start + lo + chunk.shape[0], dtype=np.int64))
+                del chunk
+                _drop_pages(src)
+            start += src.shape[0]
+        if use_gpu:
+            index.use_gpu = True
+            index.to_gpu()
+        return index
+
     def _effective_nlist(self, n: int) -> int:
         return max(1, min(self.nlist, n // _MIN_POINTS_PER_CENTROID))
 
-    def _train_ivf(self, emb: np.ndarray) -> None:
-        nlist = self._effective_nlist(emb.shape[0])
+    def train(self, sample: np.ndarray | torch.Tensor) -> None:
+        """Train an IVF/IVF-PQ index on ``sample`` (at most ``train_size`` rows are used: a seeded random
+        subset of a larger sample); a no-op for flat/hnsw.  ``nlist`` (and ``pq_bits``) are clipped to
+        what the sample supports."""
+        if self.kind not in _IVF_KINDS:
+            return
+        if self._index is not None:
+            raise RuntimeError("DenseIndex.train: the index is already trained")
+        emb = _as_float32_2d(sample, "sample")
+        if emb.shape[0] > self.train_size:
+            pick = np.sort(np.random.default_rng(0).choice(emb.shape[0], self.train_size, replace=False))
+            emb = emb[pick]
+        n = emb.shape[0]
+        nlist = self._effective_nlist(n)
         if nlist < self.nlist:
-            logger.info("DenseIndex: clipping IVF nlist %d -> %d for %d vectors", self.nlist, nlist, emb.shape[0])
+            logger.info("DenseIndex: clipping IVF nlist %d -> %d for %d training vectors", self.nlist, nlist, n)
         quantizer = faiss.IndexFlatIP(self._dim)
-        ivf = faiss.IndexIVFFlat(quantizer, self._dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if self.kind == "ivf":
+            ivf = faiss.IndexIVFFlat(quantizer, self._dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            bits = max(1, min(self.pq_bits, int(np.floor(np.log2(max(n, 2))))))
+            if bits < self.pq_bits:
+                logger.info("DenseIndex: clipping PQ bits %d -> %d for %d training vectors", self.pq_bits, bits, n)
+            ivf = faiss.IndexIVFPQ(quantizer, self._dim, nlist, self.pq_m, bits, faiss.METRIC_INNER_PRODUCT)
+            self._effective_pq_bits_value = bits
         ivf.train(emb)
         ivf.nprobe = min(self.nprobe, nlist)
         self._effective_nlist_value = nlist
         self._index = ivf
+
+    def _train_ivf(self, emb: np.ndarray) -> None:
+        self.train(emb)
 
     def add(self, embeddings: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> None:
         """Add vectors with int64 ``ids`` (default: continue ``ntotal, ntotal+1, ...``)."""
@@ -160,7 +280,7 @@ class DenseIndex:
             return
         if self._on_gpu:
             raise RuntimeError("DenseIndex.add: cannot add to an index already moved to GPU; add before to_gpu()")
-        if self._index is None:  # ivf, untrained
+        if self._index is None:  # ivf/ivfpq, untrained: train on (a sample of) this first batch
             self._train_ivf(emb)
         self._index.add_with_ids(emb, id_arr)
         if self.use_gpu:
@@ -206,7 +326,7 @@ class DenseIndex:
         if self._index is None:
             return
         space = faiss.GpuParameterSpace() if self._on_gpu else faiss.ParameterSpace()
-        if self.kind == "ivf" and nprobe is not None:
+        if self.kind in _IVF_KINDS and nprobe is not None:
             limit = self._effective_nlist_value or self.nprobe
             space.set_index_parameter(self._index, "nprobe", min(self.nprobe, limit))
         elif self.kind == "hnsw" and ef_search is not None:
@@ -246,9 +366,14 @@ class DenseIndex:
             "ef_search": self.ef_search,
             "ef_construction": self.ef_construction,
             "gpu_fp16": self.gpu_fp16,
+            "pq_m": self.pq_m,
+            "pq_bits": self.pq_bits,
+            "train_size": self.train_size,
         }
         if self._effective_nlist_value is not None:
             params["effective_nlist"] = self._effective_nlist_value
+        if self._effective_pq_bits_value is not None:
+            params["effective_pq_bits"] = self._effective_pq_bits_value
         return params
 
     def save(self, directory: Path | str) -> None:
@@ -277,15 +402,20 @@ class DenseIndex:
             ef_construction=int(params.get("ef_construction", 64)),
             use_gpu=use_gpu,
             gpu_fp16=bool(params.get("gpu_fp16", False)),
+            pq_m=int(params.get("pq_m", 16)),
+            pq_bits=int(params.get("pq_bits", 8)),
+            train_size=int(params.get("train_size", DEFAULT_TRAIN_SIZE)),
         )
         index = faiss.read_index(str(directory / INDEX_FILE))
         if index.d != obj.dim:
             raise ValueError(f"DenseIndex.load: {directory / INDEX_FILE} has dim {index.d}, meta.json says {obj.dim}")
         # search-time parameters are not always serialized by FAISS: restore them
-        if obj.kind == "ivf":
+        if obj.kind in _IVF_KINDS:
             ivf = faiss.extract_index_ivf(index)
             obj._effective_nlist_value = int(ivf.nlist)
             ivf.nprobe = min(obj.nprobe, int(ivf.nlist))
+            if obj.kind == "ivfpq":
+                obj._effective_pq_bits_value = int(faiss.downcast_index(ivf).pq.nbits)
         elif obj.kind == "hnsw":
             faiss.ParameterSpace().set_index_parameter(index, "efSearch", obj.ef_search)
         obj._index = index
@@ -356,3 +486,6 @@ def torch_flat_search(
             raise ValueError(f"torch_flat_search: {n} embeddings but {id_map.shape[0]} ids")
         return best_scores, id_map[best_pos]
     return best_scores, best_pos.to(torch.int64)
+
+
+drop_pages = _drop_pages

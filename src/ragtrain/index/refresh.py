@@ -15,6 +15,10 @@ file naming the live one.  A version is written into a temporary directory insid
 file and the directory are fsync'ed, the directory is ``os.rename``'d into place, and only then is
 ``CURRENT`` replaced atomically (temp file + fsync + ``os.replace``), so readers only ever see
 complete versions.  After the swap the oldest versions beyond ``keep`` are deleted.
+
+A version's ``embeddings.npy`` is either written from an in-memory array or assembled by streaming ``.npy``
+shards (one per rank, rows in id order across them) into it file to file, so that the (N, d) matrix never has
+to sit in RAM; either way it is one ordinary ``.npy`` file (``np.load`` reads it; readers memory-map it).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from ragtrain.index.faiss_index import DenseIndex
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RefreshSchedule", "IndexStore"]
+__all__ = ["RefreshSchedule", "IndexStore", "concat_npy"]
 
 _EVERY_RE = re.compile(r"^(?:every\s+)?(\d+)$", re.IGNORECASE)
 _RANGE_RE = re.compile(r"^(\d+)\s*-\s*(\d*)\s*:\s*(\d+)$")
@@ -164,10 +168,38 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, data offset)`` of a C-ordered ``.npy`` file, read from its header only."""
+    with open(path, "rb") as f:
+        major, minor = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if fortran and len(shape) > 1:
+            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+        return tuple(int(x) for x in shape), np.dtype(dtype), f.tell()
+
+
+def concat_npy(sources: list[Path], dest: Path, buffer_bytes: int = 1 << 24) -> tuple[int, ...]:
+    """Write the row-wise concatenation of the C-ordered 2-D ``.npy`` files ``sources`` (one dtype) to ``dest``
+    as one ``.npy`` file, copying their data bytes in ``buffer_bytes`` pieces (constant memory); returns the
+    shape."""
+    heads = [_npy_header(Path(p)) for p in sources]
+    dtype = heads[0][1]
+    shape = (sum(h[0][0] for h in heads), heads[0][0][1])
+    with open(dest, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                    "fortran_order": False, "shape": shape})
+        for p, (_shape, _dtype, offset) in zip(sources, heads):
+            with open(p, "rb") as f:
+                f.seek(offset)
+                shutil.copyfileobj(f, out, buffer_bytes)
+    return shape
+
+
 class IndexStore:
     """Versioned index directories under ``root`` (``v000001/``, ``v000002/``, ...) plus ``CURRENT``
     naming the live one.  Each version holds ``index.faiss`` + ``meta.json`` (:meth:`DenseIndex.save`),
-    ``embeddings.npy`` (float32 (N, d), row i = KB id i) and ``version.json``.
+    ``embeddings.npy`` (float32 or float16 (N, d), row i = KB id i) and ``version.json``.
 
     Only one process should publish into a ``root`` at a time (e.g. the main rank); any number may
     read.  Temporary directories left by a crashed publisher are removed by later publishes once they
@@ -216,22 +248,40 @@ class IndexStore:
     def publish(
         self,
         index: DenseIndex,
-        embeddings: np.ndarray,
+        embeddings: np.ndarray | None = None,
         *,
         step: int,
         extra: dict[str, Any] | None = None,
+        shards: list[Path] | None = None,
+        dtype: Any = np.float32,
     ) -> int:
         """Write a new complete version, make it current, prune old ones; returns its number.
 
+        The stored vectors come from ``embeddings`` (an array, saved as ``dtype``) or from ``shards`` (``.npy``
+        files of one dtype, concatenated in order by streaming their bytes into ``embeddings.npy``).
         On any error the temporary directory is removed and ``CURRENT`` is left untouched."""
-        if hasattr(embeddings, "detach"):  # torch.Tensor
-            embeddings = embeddings.detach().cpu().float().numpy()  # type: ignore[union-attr]
-        emb = np.asarray(embeddings)
-        if emb.ndim != 2 or emb.shape[1] != index.dim:
-            raise ValueError(f"IndexStore.publish: embeddings shape {emb.shape} does not match index dim {index.dim}")
-        if emb.shape[0] != index.ntotal:
+        if (embeddings is None) == (shards is None):
+            raise ValueError("IndexStore.publish: pass exactly one of embeddings and shards")
+        if shards is not None:
+            shards = [Path(p) for p in shards]
+            heads = [_npy_header(p) for p in shards]
+            shape = (sum(h[0][0] for h in heads), heads[0][0][1] if heads else 0)
+            if not heads or any(len(h[0]) != 2 or h[0][1] != index.dim for h in heads):
+                raise ValueError(f"IndexStore.publish: shard shapes {[h[0] for h in heads]} do not match index dim "
+                                 f"{index.dim}")
+            if len({h[1] for h in heads}) != 1:
+                raise ValueError(f"IndexStore.publish: shards of mixed dtypes {sorted({str(h[1]) for h in heads})}")
+        else:
+            if hasattr(embeddings, "detach"):  # torch.Tensor
+                embeddings = embeddings.detach().cpu().float().numpy()  # type: ignore[union-attr]
+            emb = np.asarray(embeddings)
+            shape = emb.shape
+            if emb.ndim != 2 or emb.shape[1] != index.dim:
+                raise ValueError(f"IndexStore.publish: embeddings shape {emb.shape} does not match index dim "
+                                 f"{index.dim}")
+        if shape[0] != index.ntotal:
             raise ValueError(
-                f"IndexStore.publish: {emb.shape[0]} embedding rows but the index holds {index.ntotal} vectors"
+                f"IndexStore.publish: {shape[0]} embedding rows but the index holds {index.ntotal} vectors"
             )
         reserved = {"version", "step", "ntotal", "dim", "created"}
         if extra and reserved & set(extra):
@@ -245,8 +295,11 @@ class IndexStore:
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a published version is readable as mkdir's
             index.save(tmp)
-            with open(tmp / EMBEDDINGS_FILE, "wb") as f:
-                np.save(f, np.ascontiguousarray(emb, dtype=np.float32))
+            if shards is not None:
+                concat_npy(shards, tmp / EMBEDDINGS_FILE)
+            else:
+                with open(tmp / EMBEDDINGS_FILE, "wb") as f:
+                    np.save(f, np.ascontiguousarray(emb, dtype=dtype))
             info = {
                 "version": version,
                 "step": int(step),

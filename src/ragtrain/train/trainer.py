@@ -40,6 +40,7 @@ from ragtrain.eval.evaluate import predict, summarize
 from ragtrain.index.async_refresh import EncodeJob, write_snapshot
 from ragtrain.index.faiss_index import DenseIndex
 from ragtrain.index.refresh import IndexStore, RefreshSchedule
+from ragtrain.index.shards import ShardWriter, index_and_publish, shard_path, shard_paths
 from ragtrain.model.lora import is_lora, merged_copy
 from ragtrain.model.loading import build_rag_model, export_models
 from ragtrain.preflight import check_run, make_splits
@@ -48,6 +49,7 @@ from ragtrain.train import checkpoint as ckpt
 from ragtrain.train import distributed as D
 
 log = logging.getLogger("ragtrain")
+SHARDS_DIR = ".shards"  # under the index store: the ranks' KB-vector shards of the refresh under way
 
 
 class NonFiniteError(RuntimeError):
@@ -216,6 +218,9 @@ class Trainer:
                                     max_passage_length=m.max_passage_length, max_prompt_length=m.max_prompt_length,
                                     max_answer_length=m.max_answer_length,
                                     chat_template=self._use_chat_template(), stop_strings=cfg.eval.stop_strings)
+        dim = self.rag.context_encoder.dim
+        if cfg.index.kind == "ivfpq" and dim % cfg.index.pq_m:
+            raise ConfigError(f"index.pq_m: the context encoder's dim ({dim}) is not divisible by {cfg.index.pq_m}")
         self.optimizer = self._optimizer()
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
         loader = DataLoader(_Examples(self.splits["train"]), batch_size=cfg.train.batch_size, shuffle=True,
@@ -231,7 +236,7 @@ class Trainer:
         self.store.pinned = ckpt.referenced_index_versions(self.out / "checkpoints")  # resumable versions stay
         self.schedule = RefreshSchedule.parse(cfg.index.refresh_every)
         self.retriever = None  # rank 0 only
-        self.embeddings = None  # rank 0 only, (N, d) stored passage vectors
+        self.embeddings = None  # rank 0 only, (N, d) stored passage vectors (a memory map of the live version's)
         self.index_version = 0
         self.last_refresh_step = 0
         self.refresh_seconds = 0.0
@@ -484,9 +489,13 @@ class Trainer:
         return self._kb_tokens_cache
 
     @torch.no_grad()
-    def encode_kb(self) -> np.ndarray | None:
+    def encode_kb(self, shard_dir: Path | None = None) -> np.ndarray | list[Path] | None:
         """Every rank encodes an equal-batch-count slice of the KB (length-sorted batches of token ids cached
-        across refreshes); rank 0 returns all (N, d) vectors in KB order."""
+        across refreshes).  Without ``shard_dir``: the slices are all-gathered and rank 0 returns all (N, d)
+        vectors in KB order.  With ``shard_dir``: each rank writes its slice, batch by batch, to the memory-mapped
+        shard ``shard_dir/shard_<rank>.npy`` (``index.embedding_dtype``; written pages are flushed and dropped
+        from RAM as it goes) and, after a barrier, rank 0 returns every rank's shard path in rank (= KB) order;
+        the vectors never pass through a collective nor sit whole in any process's RAM."""
         enc = self.unwrapped.context_encoder
         was_training = enc.training
         enc.eval()
@@ -494,7 +503,10 @@ class Trainer:
         n = len(self.kb)
         tokens = self._kb_tokens()
         dim = enc.dim
-        local = torch.zeros((len(tokens), dim))
+        if shard_dir is None:
+            local = torch.zeros((len(tokens), dim))
+        else:
+            local = ShardWriter(shard_path(shard_dir, D.rank()), len(tokens), dim, self.cfg.index.embedding_dtype)
         batches = tokens.batches(bs)
         # under ZeRO-3 every rank must call the partitioned encoder the same number of times: ranks with fewer
         # batches run a one-passage dummy batch
@@ -506,9 +518,17 @@ class Trainer:
             self._encode_calls["dummy" if pos is None else "real"] += 1
             with self.accelerator.autocast():
                 emb = enc(ids.to(device), mask.to(device))
-            if pos is not None:
+            if pos is None:
+                continue
+            if shard_dir is None:
                 local[torch.from_numpy(pos)] = emb.float().cpu()
+            else:
+                local.write(pos, emb.float().cpu().numpy())
         enc.train(was_training)
+        if shard_dir is not None:
+            local.close()  # flushed, pages released
+            D.barrier()  # every shard is complete on disk
+            return shard_paths(shard_dir, D.world()) if self.is_main else None
         allv, _ = D.gather_rows(local.to(device))
         return allv.cpu().numpy() if self.is_main else None
 
@@ -550,12 +570,13 @@ class Trainer:
                 self._job = EncodeJob(Path(pending["snapshot"]), self._kb_dir(), threads=self.cfg.index.async_threads,
                                       batch_size=self.cfg.index.encode_batch_size)
             waited = not self._job.done()
-            emb = self._job.result()
+            result = self._job.result()  # the child's vectors, on disk (never read whole into RAM here)
             wait_s = time.time() - t0
             ic = self.cfg.index
-            index = DenseIndex.build(emb, kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, hnsw_m=ic.hnsw_m,
-                                     use_gpu=ic.use_gpu, gpu_fp16=ic.gpu_fp16)
-            version = self.store.publish(index, emb, step=pending["start_step"])
+            index, emb, version = index_and_publish(
+                self.store, [result], step=pending["start_step"], kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe,
+                hnsw_m=ic.hnsw_m, pq_m=ic.pq_m, pq_bits=ic.pq_bits, train_size=ic.train_size, use_gpu=ic.use_gpu,
+                gpu_fp16=ic.gpu_fp16)
             self._install(index, emb)
             log.info("async refresh: index v%d (context encoder of step %d) swapped in at step %d; training %s "
                      "%.1fs for the encode", version, pending["start_step"], self.step,
@@ -585,14 +606,29 @@ class Trainer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def refresh_index(self) -> None:
-        """Re-encode the KB with the current context encoder and swap in a new index version."""
+        """Re-encode the KB with the current context encoder and swap in a new index version.
+
+        ``index.refresh_path=shards``: rank 0 builds the index from the ranks' memory-mapped shards (IVF kinds
+        trained on a sample, vectors added shard by shard, chunk by chunk) and publishes a version whose
+        ``embeddings.npy`` is streamed from the shards; the stored vectors it keeps are a memory map of that file.
+        ``gather``: the former path (all vectors all-gathered into RAM)."""
         t0 = time.time()
-        emb = self.encode_kb()
+        ic = self.cfg.index
+        kw = dict(kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, hnsw_m=ic.hnsw_m, pq_m=ic.pq_m,
+                  pq_bits=ic.pq_bits, train_size=ic.train_size, use_gpu=ic.use_gpu, gpu_fp16=ic.gpu_fp16)
+        if ic.refresh_path == "shards":
+            shard_dir = self.store.root / SHARDS_DIR
+            shards = self.encode_kb(shard_dir=shard_dir)
+            if self.is_main:
+                index, emb, version = index_and_publish(self.store, shards, step=self.step, **kw)
+                shutil.rmtree(shard_dir, ignore_errors=True)
+        else:
+            emb = self.encode_kb()
+            if self.is_main:
+                index = DenseIndex.build(emb, **kw)
+                version = self.store.publish(index, emb, step=self.step, dtype=np.dtype(ic.embedding_dtype))
+                emb = emb.astype(ic.embedding_dtype, copy=False)
         if self.is_main:
-            ic = self.cfg.index
-            index = DenseIndex.build(emb, kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, hnsw_m=ic.hnsw_m,
-                                     use_gpu=ic.use_gpu, gpu_fp16=ic.gpu_fp16)
-            version = self.store.publish(index, emb, step=self.step)
             self._install(index, emb)
             log.info("index v%d built at step %d (%d passages) in %.1fs", version, self.step, len(emb),
                      time.time() - t0)
