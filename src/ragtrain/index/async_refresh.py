@@ -24,6 +24,8 @@ import numpy as np
 
 SNAPSHOT_META = "ragtrain_snapshot.json"
 RESULT = "embeddings.npy"
+TIMING = "encode_timing.json"  # the child's start-up (imports, model and KB load) and encode seconds
+_T_IMPORT = time.time()
 
 
 class EncodeJob:
@@ -112,9 +114,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(max(args.threads, 1))
     snap = Path(args.snapshot)
+    t_ready = time.time()
     emb = encode_snapshot(snap, Path(args.kb), device=args.device, batch_size=args.batch_size)
     tmp = snap / f".{RESULT}.tmp{os.getpid()}.npy"
     np.save(tmp, emb.astype(np.float32))
+    (snap / TIMING).write_text(json.dumps({"startup_s": round(t_ready - _T_IMPORT, 3),
+                                           "encode_s": round(time.time() - t_ready, 3)}))
     os.replace(tmp, snap / RESULT)
     return 0
 

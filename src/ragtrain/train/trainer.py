@@ -241,6 +241,7 @@ class Trainer:
         self.last_refresh_step = 0
         self.refresh_seconds = 0.0
         self.async_wait_seconds = 0.0  # async refresh: time training waited for the encode at swap steps
+        self.async_timings: list[dict] = []  # rank 0: per async refresh, the child's start-up/encode and the wait
         self._pending = None  # async refresh in flight: {"start_step", "swap_step", "snapshot"}
         self._job = None  # rank 0: its EncodeJob
         self.step = 0
@@ -572,6 +573,10 @@ class Trainer:
             waited = not self._job.done()
             result = self._job.result()  # the child's vectors, on disk (never read whole into RAM here)
             wait_s = time.time() - t0
+            timing = result.parent / "encode_timing.json"
+            self.async_timings.append({"start_step": pending["start_step"], "swap_step": self.step,
+                                       "wait_s": round(wait_s, 3),
+                                       **(json.loads(timing.read_text()) if timing.is_file() else {})})
             ic = self.cfg.index
             index, emb, version = index_and_publish(
                 self.store, [result], step=pending["start_step"], kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe,
