@@ -339,6 +339,12 @@ def _(t, run):
     return {"model.generator": "pypi:GPT-5"}, ["model.generator", "pypi:GPT-5"]
 
 
+@train_case("model: LoRA target modules the generator does not have")
+def _(t, run):
+    return {"model.generator": str(run / "final" / "generator"), "model.lora": "generator",
+            "model.lora_target_modules": "no_such_proj"}, ["model.lora_target_modules", "no_such_proj"]
+
+
 @train_case("model: causal LM with generator_type=seq2seq")
 def _(t, run):
     return {"model.generator": str(run / "final" / "generator"), "model.generator_type": "seq2seq"}, \

