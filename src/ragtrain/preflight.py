@@ -87,12 +87,7 @@ def check_deepspeed(cfg: Config) -> None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{key}: file not found: {p}")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{key}: {p} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{key}: cannot read {p} ({e})") from None
+        data = _read_json(key, p)
         if not isinstance(data, dict):
             raise ConfigError(f"{key}: {p} must hold a JSON object, got {type(data).__name__}")
         zero = data.get("zero_optimization", {})
@@ -199,6 +194,16 @@ def _has_chat_template(path: Path) -> bool:
         return False
 
 
+def _read_json(key: str, path: Path):
+    """A JSON file's content, or a one-line ConfigError naming ``key``, the file, line and column."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: {path} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: cannot read {path} ({e})") from None
+
+
 def check_model_folder(key: str, path: Path, role: str, generator_type: str = "auto") -> None:
     """One local Hugging Face folder for ``role`` (see the module docstring); raises :class:`ConfigError`."""
     if not path.is_dir():
@@ -206,12 +211,7 @@ def check_model_folder(key: str, path: Path, role: str, generator_type: str = "a
     conf_file = path / "config.json"
     if not conf_file.is_file():
         raise ConfigError(f"{key}: {path} has no config.json (not a Hugging Face model folder)")
-    try:
-        raw = json.loads(conf_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{key}: {conf_file} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{key}: cannot read {conf_file} ({e})") from None
+    raw = _read_json(key, conf_file)
     if not isinstance(raw, dict) or not raw.get("model_type"):
         raise ConfigError(f"{key}: {conf_file} names no model_type (not a Hugging Face model config)")
     from transformers import AutoConfig

@@ -111,32 +111,29 @@ def read_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def referenced_index_versions(root: Path) -> set[int]:
-    """Index versions named by the complete checkpoints under ``root`` (kept from pruning while referenced)."""
-    out = set()
+def _checkpoint_states(root: Path):
+    """The ``trainer_state.json`` of every complete checkpoint under ``root`` (unreadable ones skipped)."""
     for p in root.glob("step_*") if root.is_dir() else []:
         if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file():
             try:
-                v = json.loads((p / "trainer_state.json").read_text()).get("index_version")
+                yield json.loads((p / "trainer_state.json").read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(v, int):
-                out.add(v)
-    return out
+
+
+def referenced_index_versions(root: Path) -> set[int]:
+    """Index versions named by the complete checkpoints under ``root`` (kept from pruning while referenced)."""
+    return {st["index_version"] for st in _checkpoint_states(root) if isinstance(st.get("index_version"), int)}
 
 
 def referenced_snapshots(root: Path) -> set[str]:
     """Names of the async-refresh snapshot folders (``OUTPUT_DIR/refresh/step_*``) that complete checkpoints under
     ``root`` still need (their refresh was in flight when they were saved)."""
     out = set()
-    for p in root.glob("step_*") if root.is_dir() else []:
-        if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file():
-            try:
-                pending = json.loads((p / "trainer_state.json").read_text()).get("pending_refresh")
-            except (OSError, ValueError):
-                continue
-            if isinstance(pending, dict) and pending.get("snapshot"):
-                out.add(Path(pending["snapshot"]).name)
+    for st in _checkpoint_states(root):
+        pending = st.get("pending_refresh")
+        if isinstance(pending, dict) and pending.get("snapshot"):
+            out.add(Path(pending["snapshot"]).name)
     return out
 
 
