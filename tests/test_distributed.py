@@ -65,14 +65,19 @@ def single(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("single") / "run", 1, **{"train.gradient_accumulation_steps": 2})
 
 
-@pytest.mark.parametrize("stage,buckets,encode_bs", [(0, 1, 64), (2, 1, 64), (3, 1, 64), (3, 2, 64), (3, 1, 3)])
-def test_zero_matches_single_process(single, tmp_path, stage, buckets, encode_bs):
+@pytest.mark.parametrize("stage,buckets,encode_bs,gc", [(0, 1, 64, ""), (2, 1, 64, ""), (3, 1, 64, ""),
+                                                        (3, 2, 64, ""), (3, 1, 3, ""),
+                                                        (3, 1, 64, "generator,question_encoder,context_encoder")])
+def test_zero_matches_single_process(single, tmp_path, stage, buckets, encode_bs, gc):
     """Stage 0 = plain DDP through Accelerate (no DeepSpeed), stages 2/3 = one DeepSpeed engine.  buckets=2: the
     generator runs in two length-bucketed calls per step (both ranks must call the partitioned model alike).
     encode_bs=3: the ranks' KB slices hold different numbers of encode batches, so under ZeRO-3 the shorter one
-    runs dummy batches to keep the partitioned encoder in lock-step (and they must not enter the index)."""
+    runs dummy batches to keep the partitioned encoder in lock-step (and they must not enter the index).
+    gc: activation checkpointing of all three models under ZeRO-3 (recomputed activations: the same losses)."""
     extra = {"train.deepspeed_config": f"ds_configs/zero{stage}.json"} if stage else {}
-    out = _run(tmp_path / f"zero{stage}-{buckets}-{encode_bs}", 2, **extra,
+    if gc:
+        extra["model.gradient_checkpointing"] = gc
+    out = _run(tmp_path / f"zero{stage}-{buckets}-{encode_bs}-{bool(gc)}", 2, **extra,
                **{"rag.generator_buckets": buckets, "index.encode_batch_size": encode_bs})
     ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
     calls = [r["encode_batches"] for r in ranks]
