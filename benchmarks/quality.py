@@ -95,6 +95,9 @@ COMMON = {
     "train.weight_decay": 0.0,
     "train.max_grad_norm": 1.0,
     "train.save_every": 0,
+    # the plain "Context: ... Question: ... Answer:" prompt the committed cpu-scale results were trained with (a
+    # chat-template prompt is another experiment)
+    "model.chat_template": "no",
     "eval.num_beams": 1,
     "eval.recall_ks": "[1,5,20]",
 }
