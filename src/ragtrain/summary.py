@@ -74,8 +74,12 @@ def format_summary(out: Path) -> str:
             shown = {k: round(v, 1) for k, v in last.items() if k.startswith("recall@") or k in ("mrr", "em", "f1")}
             lines.append(f"final {last['split']} evaluation at step {last['step']}: {shown} "
                          "(train.eval_at_start=true adds step-0 figures to compare with)")
-    lines.append("outputs: metrics.jsonl (every evaluation), train_log.jsonl (loss per step), tensorboard/, "
-                 "curves.png, final/ (the three models + the index they encode), checkpoints/, index/")
+    described = [("metrics.jsonl", "every evaluation"), ("train_log.jsonl", "loss per step"), ("tensorboard", ""),
+                 ("curves.png", ""), ("final", "the three models + the index they encode"),
+                 ("checkpoints", "resumable"), ("index", "index versions"), ("splits", "the evaluated questions")]
+    present = [f"{name}{'/' if (out / name).is_dir() else ''}" + (f" ({what})" if what else "")
+               for name, what in described if (out / name).exists()]
+    lines.append(f"outputs in {out}: " + ", ".join(present))
     lines.append(f"next: .venv/bin/ragtrain ask --checkpoint {out / 'final'} \"your question\"   |   "
                  f".venv/bin/ragtrain eval --checkpoint {out / 'final'} --data {out / 'splits' / 'test.jsonl'}")
     return "\n".join(lines)
