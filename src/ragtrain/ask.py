@@ -28,19 +28,14 @@ class Asker:
         """Options left None take the run's own evaluation settings and retriever (recorded in the export)."""
         from ragtrain.cli import _load_checkpoint
         from ragtrain.data.kb import load_kb
-        from ragtrain.eval.exported import eval_settings, load_index, make_search, resolve_device
-        from ragtrain.model.loading import resolve_kb_dir
+        from ragtrain.eval.exported import (eval_settings, kb_dir_of, load_index, make_search, resolve_device,
+                                            retriever_kind)
 
         ckpt = Path(checkpoint)
         self.device = resolve_device(device)
         self.rag, self.collator, self.meta = _load_checkpoint(ckpt)
         self.rag.to(self.device)
-        if kb:
-            kb_dir = Path(kb)
-        elif self.meta.get("kb_dir"):
-            kb_dir = resolve_kb_dir(ckpt, self.meta["kb_dir"])
-        else:
-            raise FileNotFoundError(f"{ckpt}/ragtrain.json records no kb_dir; pass --kb")
+        kb_dir = kb_dir_of(ckpt, self.meta, kb)
         self.kb = load_kb(kb_dir)
         self.index, self.emb = load_index(ckpt, str(index) if index else None)
         if self.index is None:
@@ -53,8 +48,7 @@ class Asker:
                                       "max_new_tokens": max_new_tokens})
         self.n_docs = min(int(s["n_docs"]), len(self.kb))
         self.decoding, self.num_beams, self.max_new_tokens = s["decoding"], s["num_beams"], s["max_new_tokens"]
-        kind = retriever or self.meta.get("retriever", {}).get("kind", "dense")
-        self._search = make_search(kind, self.index, self.emb, self.kb)  # the run's retriever (dense/bm25/hybrid)
+        self._search = make_search(retriever_kind(self.meta, retriever), self.index, self.emb, self.kb)  # the run's retriever (dense/bm25/hybrid)
 
     def ask(self, questions: Sequence[str], top: int = 3, batch_size: int = 8) -> list[dict]:
         """``[{"question", "answer", "passages": [{"rank", "id", "score", "title", "text"}, ...]}]``: the generated

@@ -122,21 +122,15 @@ def _cmd_eval(args) -> dict:
     if not (ckpt / "ragtrain.json").is_file():
         raise FileNotFoundError(f"{ckpt}: not an exported ragtrain checkpoint (no ragtrain.json)")
     # every input and option checked before the models load
-    settings = X.eval_settings(json.loads((ckpt / "ragtrain.json").read_text()), overrides)
-    kb_dir = args.kb or json.loads((ckpt / "ragtrain.json").read_text()).get("kb_dir")
-    if not kb_dir:
-        raise FileNotFoundError("no --kb given and the checkpoint records none")
-    if not args.kb:
-        from ragtrain.model.loading import resolve_kb_dir
-
-        kb_dir = resolve_kb_dir(ckpt, kb_dir)
+    meta = json.loads((ckpt / "ragtrain.json").read_text())
+    settings = X.eval_settings(meta, overrides)
+    kb_dir = X.kb_dir_of(ckpt, meta, args.kb)
     kb = load_kb(kb_dir)
     if settings["n_docs"] > len(kb):
         raise ValueError(f"--n-docs {settings['n_docs']}: larger than the knowledge base ({len(kb)} passages)")
     examples = load_qa(args.data, kb=kb)
-    rag, collator, meta = _load_checkpoint(ckpt)
+    rag, collator, _ = _load_checkpoint(ckpt)
     rag.to(device)
-    settings = X.eval_settings(meta, overrides)
     index, emb = X.load_index(ckpt, args.index) if (args.index or not args.kb) else (None, None)
     if index is None:
         print(f"ragtrain eval: no index for {kb_dir} in {ckpt}; encoding the KB with the exported context encoder",
@@ -148,12 +142,9 @@ def _cmd_eval(args) -> dict:
         raise ValueError(f"index has {index.ntotal} vectors but the KB {kb_dir} has {len(kb)} passages")
     if args.max_examples:
         examples = examples[: args.max_examples]
-    kind = args.retriever or meta.get("retriever", {}).get("kind", "dense")
     ks = settings["recall_ks"]
-    n_docs = settings["n_docs"]
-    if n_docs > len(kb):
-        raise ValueError(f"--n-docs {n_docs}: larger than the knowledge base ({len(kb)} passages)")
-    records = predict(rag, collator, X.make_search(kind, index, emb, kb), kb, examples, n_docs=n_docs,
+    records = predict(rag, collator, X.make_search(X.retriever_kind(meta, args.retriever), index, emb, kb), kb,
+                      examples, n_docs=settings["n_docs"],
                       recall_depth=min(max(ks), len(kb)), batch_size=settings["batch_size"],
                       num_beams=settings["num_beams"], max_new_tokens=settings["max_new_tokens"],
                       decoding=settings["decoding"], device=device)

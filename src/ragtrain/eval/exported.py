@@ -84,6 +84,23 @@ def make_search(kind: str, index, emb, kb):
     return search
 
 
+def kb_dir_of(ckpt: Path, meta: dict, override: str | Path | None = None) -> Path:
+    """The KB an export was trained on (``ragtrain.json``'s ``kb_dir``, resolved against the export), or
+    ``override``."""
+    if override:
+        return Path(override)
+    if not meta.get("kb_dir"):
+        raise FileNotFoundError(f"{ckpt}/ragtrain.json records no kb_dir; pass --kb")
+    from ragtrain.model.loading import resolve_kb_dir
+
+    return resolve_kb_dir(ckpt, meta["kb_dir"])
+
+
+def retriever_kind(meta: dict, override: str | None = None) -> str:
+    """The retriever the run trained with (dense for exports that predate the record), or ``override``."""
+    return override or meta.get("retriever", {}).get("kind", "dense")
+
+
 def eval_settings(meta: dict, overrides: dict) -> dict:
     """The run's evaluation settings (``meta["eval"]``; older exports: defaults), then the non-None overrides."""
     settings = {"n_docs": meta.get("n_docs", 5), "num_beams": 1, "max_new_tokens": 24, "decoding": "auto",

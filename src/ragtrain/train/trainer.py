@@ -534,9 +534,6 @@ class Trainer:
         return allv.cpu().numpy() if self.is_main else None
 
     # ---------------------------------------------------------------------------- async refresh
-    def _kb_dir(self) -> Path:
-        return Path(self.kb.cache_files[0]["filename"]).parent
-
     def _start_async_refresh(self) -> None:
         """Snapshot the context encoder (gathered once under ZeRO-3) and start encoding the KB in a child process;
         its index is swapped in at step ``step + index.async_lag`` (:meth:`_finish_async_refresh`)."""
@@ -557,7 +554,7 @@ class Trainer:
                                max_length=self.cfg.model.max_passage_length,
                                mixed_precision=self.accelerator.mixed_precision, step=self.step)
         if self.is_main:
-            self._job = EncodeJob(snap, self._kb_dir(), threads=ic.async_threads, batch_size=ic.encode_batch_size)
+            self._job = EncodeJob(snap, self.kb_dir, threads=ic.async_threads, batch_size=ic.encode_batch_size)
         self._pending = {"start_step": self.step, "swap_step": self.step + ic.async_lag, "snapshot": str(snap)}
         log.info("async refresh: encoding the KB with the context encoder of step %d in a separate process; "
                  "its index is swapped in at step %d", self.step, self._pending["swap_step"])
@@ -568,7 +565,7 @@ class Trainer:
         pending, t0 = self._pending, time.time()
         if self.is_main:
             if self._job is None:  # resumed: encode again from the snapshot the checkpoint recorded
-                self._job = EncodeJob(Path(pending["snapshot"]), self._kb_dir(), threads=self.cfg.index.async_threads,
+                self._job = EncodeJob(Path(pending["snapshot"]), self.kb_dir, threads=self.cfg.index.async_threads,
                                       batch_size=self.cfg.index.encode_batch_size)
             waited = not self._job.done()
             result = self._job.result()  # the child's vectors, on disk (never read whole into RAM here)
