@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "src" / "ragtrain" / "sample"
 DATASETS = {"squad": SHARED_DATA / "squad-v1.1-dev.json.gz", "covid": SHARED_DATA / "covid-qa-200423.json.gz"}
-ARMS = ("zero-shot", "rag-original", "rag-end2end", "rag-end2end-joint", "bm25")
+ARMS = ("zero-shot", "rag-original", "rag-end2end", "rag-end2end-joint", "bm25", "rag-end2end-rerank")
 DEFAULT_ARMS = ("zero-shot", "rag-original", "rag-end2end", "bm25")  # + rag-end2end-joint at the cpu scale
 
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
@@ -152,7 +152,7 @@ SCALES = {
 }
 
 
-def arm_keys(arm: str, refresh, joint_weight: float = 1.0) -> tuple[dict, bool]:
+def arm_keys(arm: str, refresh, joint_weight: float = 1.0, rerank_top: int = 0) -> tuple[dict, bool]:
     """(config keys that define the arm, whether it trains)."""
     if arm == "zero-shot":
         return {"rag.mode": "original", "index.retriever": "dense", "index.refresh_every": 0}, False
@@ -165,6 +165,10 @@ def arm_keys(arm: str, refresh, joint_weight: float = 1.0) -> tuple[dict, bool]:
                 "rag.retrieval_loss_weight": joint_weight}, True
     if arm == "bm25":
         return {"rag.mode": "original", "index.retriever": "bm25", "index.refresh_every": 0}, True
+    if arm == "rag-end2end-rerank":  # no refresh while training: the stale top-L re-ranked by the live encoder
+        # (Atlas); the KB is re-encoded once, after the last step, for the test evaluation and the export
+        return {"rag.mode": "end2end", "index.retriever": "dense", "index.refresh_every": 0,
+                "rag.rerank_top": rerank_top}, True
     raise ValueError(f"unknown arm {arm!r} (choose from {', '.join(ARMS)})")
 
 
@@ -328,6 +332,11 @@ def run_arm(arm: str, keys: dict, trains: bool, work: Path, keep_exports: bool, 
         "init_index_seconds": round(init_index_seconds, 2),
         "setup_seconds": round(setup_seconds, 2),
         "kb_passages": len(trainer.kb),
+        # encoding cost of keeping retrieval current while training, in passages: every refresh after the initial
+        # build (the end-of-run one included) and the live re-encoding of the re-ranked top-L
+        "refresh_passages": trainer.refresh_passages - len(trainer.kb),
+        "rerank_passages": trainer.rerank_passages,
+        "rerank_seconds": round(trainer.rerank_seconds, 2),
         "splits": {k: len(v) for k, v in trainer.splits.items()},
     }
     # the instance attributes above (bound methods of the trainer) make reference cycles: without a collection
@@ -486,6 +495,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-at-start", choices=("yes", "no"), default=None,
                     help="a step-0 validation evaluation for every trained arm too (default: no for smoke, where "
                     "the zero-shot arm is the dense arms' step 0; yes otherwise)")
+    ap.add_argument("--rerank-top", type=int, default=0,
+                    help="rag.rerank_top of the rag-end2end-rerank arm (default: 2 x rag.n_docs)")
     ap.add_argument("--keep-exports", action="store_true", help="keep each arm's exported models (OUTPUT_DIR/final)")
     ap.add_argument("--reuse-finished", action="store_true",
                     help="take an arm whose WORK_DIR/<arm>/arm_result.json exists from that finished run instead of "
@@ -557,7 +568,9 @@ def main(argv=None) -> dict:
                "note": args.note, "common": common, "arms": {}}
     curves, per_question = {}, {}
     for arm in arms:
-        keys, trains = arm_keys(arm, refresh, scale.get("joint_weight", 1.0))
+        # the re-rank arm scores twice the passages the generator reads (Atlas re-ranks a larger top-L)
+        rerank_top = args.rerank_top or 2 * int(common["rag.n_docs"])
+        keys, trains = arm_keys(arm, refresh, scale.get("joint_weight", 1.0), rerank_top)
         run_dir = work / arm
         all_keys = {**common, **keys, "output_dir": str(run_dir)}
         if args.reuse_finished and (run_dir / "arm_result.json").is_file():

@@ -240,6 +240,9 @@ class Trainer:
         self.index_version = 0
         self.last_refresh_step = 0
         self.refresh_seconds = 0.0
+        self.refresh_passages = 0  # passages encoded by refreshes (the initial build included)
+        self.rerank_seconds = 0.0  # rag.rerank_top: this rank's live re-encoding of the retrieved top-L
+        self.rerank_passages = 0
         self.async_wait_seconds = 0.0  # async refresh: time training waited for the encode at swap steps
         self.async_timings: list[dict] = []  # rank 0: per async refresh, the child's start-up/encode and the wait
         self._pending = None  # async refresh in flight: {"start_step", "swap_step", "snapshot"}
@@ -432,6 +435,7 @@ class Trainer:
         """The ``k`` of each row's retrieved ``ids`` that the *live* context encoder scores highest against ``q``
         (``rag.rerank_top``; Atlas's re-ranking of a stale top-L). Each distinct passage is encoded once, in eval
         mode (no dropout draw), and the encoder is called once a step on every rank (ZeRO-3 lock-step)."""
+        t0 = time.time()
         enc = self.unwrapped.context_encoder
         was_training = enc.training
         enc.eval()
@@ -444,6 +448,8 @@ class Trainer:
         scores = torch.einsum("bd,bld->bl", q.detach().float().to(device), c[inverse.to(device)].view(*ids.shape, -1))
         scores = scores.masked_fill(ids.to(device) < 0, float("-inf"))  # retriever padding never wins
         order = scores.topk(k, dim=1).indices.cpu()
+        self.rerank_passages += len(uniq)
+        self.rerank_seconds += time.time() - t0
         return torch.gather(ids, 1, order)
 
     def _make_retrieve(self, batch: dict):
@@ -587,6 +593,7 @@ class Trainer:
         else:
             version = None
         self.index_version = D.broadcast_object(version)
+        self.refresh_passages += len(self.kb)
         self.last_refresh_step = pending["start_step"]
         self._pending = None
         dt = time.time() - t0
@@ -638,6 +645,7 @@ class Trainer:
             version = None
         self.index_version = D.broadcast_object(version)
         self.last_refresh_step = self.step
+        self.refresh_passages += len(self.kb)
         self.refresh_seconds += time.time() - t0
 
     def _install(self, index: DenseIndex, emb: np.ndarray) -> None:
@@ -712,7 +720,8 @@ class Trainer:
         if self.is_main:
             self.plot()
         final.update({"train_seconds": train_seconds, "refresh_seconds": self.refresh_seconds,
-                      "async_wait_seconds": self.async_wait_seconds})
+                      "refresh_passages": self.refresh_passages, "rerank_seconds": self.rerank_seconds,
+                      "rerank_passages": self.rerank_passages, "async_wait_seconds": self.async_wait_seconds})
         return final
 
     def _index_at_end(self) -> None:
