@@ -124,6 +124,27 @@ def test_zero_matches_single_process(single, tmp_path, stage, buckets, encode_bs
 Z3_CKPT = {"train.deepspeed_config": "ds_configs/zero3.json", "train.save_every": 2}
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_index_sharded_over_the_ranks_matches_single_process(single, tmp_path, stage):
+    """index.placement=ranks: each rank indexes its half of the KB and the two top-k lists are merged (flat: exact);
+    training, every refresh and the evaluation equal the single process's rank-0 index, and no process ever
+    builds or writes an index of the whole KB."""
+    extra = {"train.deepspeed_config": f"ds_configs/zero{stage}.json"} if stage else {}
+    out = _run(tmp_path / f"ranks{stage}", 2, **extra, **{"index.placement": "ranks"})
+    ranks = [json.loads((out / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
+    n_kb = len(_stored(single, 1))
+    (a0, b0), (a1, b1) = (r["index_slice"] for r in ranks)
+    assert a0 == 0 and b0 == a1 and b1 == n_kb and 0 < b0 < n_kb, ranks
+    np.testing.assert_allclose(_losses(out), _losses(single), rtol=5e-4 if stage == 3 else 1e-4)
+    for v in (1, 2, 3):
+        np.testing.assert_allclose(_stored(out, v), _stored(single, v), atol=2e-3 if stage else 1e-4)
+        assert not (out / "index" / f"v{v:06d}" / "index.faiss").exists()
+    assert _retrieved(out) == _retrieved(single)
+    f_dist, f_single = _final(out), _final(single)
+    for key in ("recall@1", "recall@5", "mrr"):
+        assert f_dist[key] == pytest.approx(f_single[key])
+
+
 @pytest.fixture(scope="module")
 def zero3_straight(tmp_path_factory):
     """The uninterrupted 2-rank ZeRO-3 run (checkpoints at steps 2 and 4) the resume tests compare with."""

@@ -237,3 +237,29 @@ def test_resume_refuses_another_mode_before_loading_anything(straight, tmp_path)
     with pytest.raises(ConfigError, match="mode: checkpoint 'end2end', this run 'original'"):
         Trainer(load_config(None, tiny_overrides(out, **{**COMMON, "rag.mode": "original", "index.refresh_every": 0},
                                                   resume="true")))
+
+
+@pytest.mark.parametrize("name,at", [("_install_slice", 3), ("_passages", 3)])
+def test_index_on_the_ranks_crash_and_resume_equals_the_uninterrupted_run(straight, tmp_path, monkeypatch, name, at):
+    """index.placement=ranks keeps no index file: a resumed run re-indexes its slice of the checkpoint's version
+    (crash right after publishing v3 at step 4, before the slice is installed; and mid-step 3) and continues
+    exactly as the uninterrupted run with the rank-0 index."""
+    from ragtrain.config import load_config
+
+    original = getattr(Trainer, name)
+    calls = {"n": 0}
+
+    def breaking(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise Crash(name)
+        return original(self, *a, **kw)
+
+    out = tmp_path / "run"
+    cfg = {**COMMON, "index.placement": "ranks"}
+    monkeypatch.setattr(Trainer, name, breaking)
+    with pytest.raises(Crash):
+        Trainer(load_config(None, tiny_overrides(out, **cfg))).train()
+    monkeypatch.setattr(Trainer, name, original)
+    Trainer(load_config(None, tiny_overrides(out, **cfg, resume="true"))).train()
+    _assert_same_run(out, straight)

@@ -139,6 +139,11 @@ class IndexConfig:
     # from the shards chunk by chunk (the N x d matrix never sits whole in a process's RAM; all ranks must see
     # output_dir); gather: all-gather every vector into every rank's RAM (the former path)
     refresh_path: str = "shards"
+    # rank0: rank 0 holds the whole index and answers every rank's queries; ranks: every rank holds an index over
+    # its own contiguous KB slice (read from the published embeddings.npy memory map), every rank searches its
+    # slice for the whole global batch and the per-slice top-k are merged (exact with kind=flat; no rank holds
+    # the N x d matrix; all ranks must see output_dir)
+    placement: str = "rank0"
     embedding_dtype: str = "float32"  # stored vectors (shards, embeddings.npy) in float32 or float16
     use_gpu: bool = False
     gpu_fp16: bool = False
@@ -368,6 +373,14 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     choice("index.kind", cfg.index.kind, INDEX_KINDS)
     choice("index.retriever", cfg.index.retriever, RETRIEVERS)
     choice("index.refresh_path", cfg.index.refresh_path, REFRESH_PATHS)
+    choice("index.placement", cfg.index.placement, ("rank0", "ranks"))
+    if cfg.index.placement == "ranks":
+        if cfg.index.retriever != "dense":
+            raise ConfigError(f"index.placement=ranks: shards the dense index only; index.retriever="
+                              f"{cfg.index.retriever} needs index.placement=rank0")
+        if cfg.index.use_gpu:
+            raise ConfigError("index.placement=ranks: the per-rank indexes are CPU FAISS indexes; set "
+                              "index.use_gpu=false (or index.placement=rank0 to shard rank 0's index over its GPUs)")
     choice("index.embedding_dtype", cfg.index.embedding_dtype, EMBEDDING_DTYPES)
     if not 1 <= cfg.index.pq_bits <= 16:
         raise ConfigError(f"index.pq_bits: must be between 1 and 16, got {cfg.index.pq_bits}")
@@ -602,6 +615,8 @@ HELP: dict[str, str] = {
     "index.train_size": "ivf/ivfpq: vectors the index is trained on (a random sample of a larger KB)",
     "index.refresh_path": "shards: each rank writes its KB vectors to a memory-mapped shard that rank 0 indexes "
                           "chunk by chunk (all ranks must see output_dir) | gather: all-gather them into RAM",
+    "index.placement": "rank0: rank 0 holds the index and answers every rank | ranks: every rank indexes its own "
+                       "KB slice and the per-slice top-k are merged (dense only; exact with kind=flat)",
     "index.embedding_dtype": "float32 | float16: the stored vectors (shards and embeddings.npy)",
     "index.use_gpu": "build and search the index on GPUs (faiss-gpu)",
     "index.gpu_fp16": "GPU index in fp16",

@@ -376,6 +376,15 @@ class DenseIndex:
             params["effective_pq_bits"] = self._effective_pq_bits_value
         return params
 
+    @staticmethod
+    def save_meta_only(directory: Path | str, kind: str, dim: int, ntotal: int, vectors_file: str,
+                       params: dict[str, Any] | None = None) -> None:
+        """``meta.json`` for a version whose index is built from its stored ``vectors_file`` when loaded (no
+        ``index.faiss``)."""
+        meta = {"kind": kind, "dim": int(dim), "ntotal": int(ntotal), "params": dict(params or {}),
+                "vectors_file": vectors_file}
+        (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
     def save(self, directory: Path | str) -> None:
         """Write ``index.faiss`` (CPU form) and ``meta.json`` into ``directory`` (created if needed)."""
         if self._index is None:
@@ -392,6 +401,13 @@ class DenseIndex:
         directory = Path(directory)
         meta = json.loads((directory / META_FILE).read_text())
         params = dict(meta.get("params", {}))
+        if not (directory / INDEX_FILE).exists() and meta.get("vectors_file"):
+            # a version published without a FAISS file (index.placement=ranks: the ranks index their slices):
+            # build the index from its stored vectors, chunk by chunk from the memory map
+            vectors = np.load(directory / meta["vectors_file"], mmap_mode="r")
+            keys = ("nlist", "nprobe", "hnsw_m", "pq_m", "pq_bits", "train_size")
+            return cls.build_chunked([vectors], meta["kind"], use_gpu=use_gpu,
+                                     **{k: int(params[k]) for k in keys if k in params})
         obj = cls(
             int(meta["dim"]),
             meta["kind"],

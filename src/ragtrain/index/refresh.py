@@ -247,18 +247,23 @@ class IndexStore:
     # ------------------------------------------------------------------ publishing
     def publish(
         self,
-        index: DenseIndex,
+        index: DenseIndex | None,
         embeddings: np.ndarray | None = None,
         *,
         step: int,
         extra: dict[str, Any] | None = None,
         shards: list[Path] | None = None,
         dtype: Any = np.float32,
+        index_kind: str = "flat",
+        index_params: dict[str, Any] | None = None,
     ) -> int:
         """Write a new complete version, make it current, prune old ones; returns its number.
 
         The stored vectors come from ``embeddings`` (an array, saved as ``dtype``) or from ``shards`` (``.npy``
         files of one dtype, concatenated in order by streaming their bytes into ``embeddings.npy``).
+        ``index=None`` publishes the vectors only, with a ``meta.json`` of kind ``index_kind`` (``index_params``):
+        loading the version builds its index from them (``index.placement=ranks``, where no process builds the
+        whole index).
         On any error the temporary directory is removed and ``CURRENT`` is left untouched."""
         if (embeddings is None) == (shards is None):
             raise ValueError("IndexStore.publish: pass exactly one of embeddings and shards")
@@ -266,9 +271,10 @@ class IndexStore:
             shards = [Path(p) for p in shards]
             heads = [_npy_header(p) for p in shards]
             shape = (sum(h[0][0] for h in heads), heads[0][0][1] if heads else 0)
-            if not heads or any(len(h[0]) != 2 or h[0][1] != index.dim for h in heads):
+            dim = index.dim if index is not None else shape[1]
+            if not heads or any(len(h[0]) != 2 or h[0][1] != dim for h in heads):
                 raise ValueError(f"IndexStore.publish: shard shapes {[h[0] for h in heads]} do not match index dim "
-                                 f"{index.dim}")
+                                 f"{dim}")
             if len({h[1] for h in heads}) != 1:
                 raise ValueError(f"IndexStore.publish: shards of mixed dtypes {sorted({str(h[1]) for h in heads})}")
         else:
@@ -276,12 +282,13 @@ class IndexStore:
                 embeddings = embeddings.detach().cpu().float().numpy()  # type: ignore[union-attr]
             emb = np.asarray(embeddings)
             shape = emb.shape
-            if emb.ndim != 2 or emb.shape[1] != index.dim:
+            if emb.ndim != 2 or (index is not None and emb.shape[1] != index.dim):
                 raise ValueError(f"IndexStore.publish: embeddings shape {emb.shape} does not match index dim "
-                                 f"{index.dim}")
-        if shape[0] != index.ntotal:
+                                 f"{None if index is None else index.dim}")
+        ntotal, dim = (shape[0], shape[1]) if index is None else (index.ntotal, index.dim)
+        if shape[0] != ntotal:
             raise ValueError(
-                f"IndexStore.publish: {shape[0]} embedding rows but the index holds {index.ntotal} vectors"
+                f"IndexStore.publish: {shape[0]} embedding rows but the index holds {ntotal} vectors"
             )
         reserved = {"version", "step", "ntotal", "dim", "created"}
         if extra and reserved & set(extra):
@@ -294,7 +301,10 @@ class IndexStore:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{_version_name(version)}-", dir=self.root))
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a published version is readable as mkdir's
-            index.save(tmp)
+            if index is not None:
+                index.save(tmp)
+            else:
+                DenseIndex.save_meta_only(tmp, index_kind, dim, ntotal, EMBEDDINGS_FILE, index_params)
             if shards is not None:
                 concat_npy(shards, tmp / EMBEDDINGS_FILE)
             else:
@@ -303,8 +313,8 @@ class IndexStore:
             info = {
                 "version": version,
                 "step": int(step),
-                "ntotal": int(index.ntotal),
-                "dim": int(index.dim),
+                "ntotal": int(ntotal),
+                "dim": int(dim),
                 "created": time.time(),
                 **(extra or {}),
             }
@@ -328,7 +338,7 @@ class IndexStore:
             raise
 
         self._write_current(version)
-        logger.info("IndexStore: published %s (step %d, %d vectors) under %s", _version_name(version), step, index.ntotal, self.root)
+        logger.info("IndexStore: published %s (step %d, %d vectors) under %s", _version_name(version), step, ntotal, self.root)
         self._prune(version)
         return version
 

@@ -38,8 +38,9 @@ from ragtrain.data.kb_tokens import PassageTokens
 from ragtrain.data.qa import load_qa
 from ragtrain.eval.evaluate import predict, summarize
 from ragtrain.index.async_refresh import EncodeJob, write_snapshot
-from ragtrain.index.faiss_index import DenseIndex
-from ragtrain.index.refresh import IndexStore, RefreshSchedule
+from ragtrain.index.faiss_index import DenseIndex, drop_pages
+from ragtrain.index.refresh import EMBEDDINGS_FILE, IndexStore, RefreshSchedule
+from ragtrain.index.sharded import SliceIndex, merge_topk
 from ragtrain.index.shards import ShardWriter, index_and_publish, shard_path, shard_paths
 from ragtrain.model.lora import is_lora, merged_copy
 from ragtrain.model.loading import build_rag_model, export_models
@@ -377,6 +378,9 @@ class Trainer:
                 "optimizer_state_bytes": sum(int(t.numel()) * t.element_size() for t in opt_state),
                 # KB-encode calls so far (every refresh); "dummy": ZeRO-3 lock-step calls of a rank whose slice ran out
                 "encode_batches": dict(self._encode_calls)}
+        sl = getattr(self, "_slice_index", None)
+        if sl is not None:  # index.placement=ranks: the KB rows this rank's index holds
+            info["index_slice"] = [sl.start, sl.stop]
         d = self.out / "ranks"
         d.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(d / f"rank_{D.rank()}.json", json.dumps(info))
@@ -386,6 +390,8 @@ class Trainer:
                with_embeddings: bool = False) -> dict:
         """Route this rank's queries to rank 0's retriever; returns ``scores``/``ids`` (and stored
         ``doc_embeddings``/``gold_embeddings``) for this rank's rows."""
+        if self.cfg.index.placement == "ranks":
+            return self._search_slices(q, k, gold_ids, with_embeddings)
         needs_text = self.cfg.index.retriever != "dense"
         all_questions = [x for part in D.gather_objects(list(questions)) for x in part] if needs_text else []
         inputs = {"q": q.detach().float()}
@@ -407,6 +413,25 @@ class Trainer:
             return out
 
         return D.rank0_compute(on_rank0, inputs)
+
+    def _search_slices(self, q: torch.Tensor, k: int, gold_ids: torch.Tensor | None, with_embeddings: bool) -> dict:
+        """``index.placement=ranks``: every rank searches its slice for the whole global batch, the per-slice
+        top-k lists are exchanged and each rank merges those of its own rows (exact with kind=flat)."""
+        all_q, sizes = D.gather_rows(q.detach().float())
+        scores, ids = self._slice_index.search(all_q.cpu().numpy(), k)
+        parts_s, _ = D.gather_rows(torch.from_numpy(scores).to(q.device))
+        parts_i, _ = D.gather_rows(torch.from_numpy(ids).to(q.device))
+        n = all_q.shape[0]
+        start = sum(sizes[: D.rank()])
+        mine = slice(start, start + sizes[D.rank()])
+        scores, ids = merge_topk(parts_s.cpu().numpy().reshape(D.world(), n, k)[:, mine],
+                                 parts_i.cpu().numpy().reshape(D.world(), n, k)[:, mine], k)
+        out = {"scores": torch.from_numpy(scores), "ids": torch.from_numpy(ids)}
+        if with_embeddings:  # every rank reads the stored vectors of its hits from the shared memory map
+            out["doc_embeddings"] = torch.from_numpy(self._rows(ids))
+            if gold_ids is not None:
+                out["gold_embeddings"] = torch.from_numpy(self._rows(gold_ids.cpu().clamp(min=0).numpy()))
+        return out
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
         flat = ids.reshape(-1).clip(min=0)  # padding slots (-1) read row 0; they are masked downstream
@@ -580,12 +605,7 @@ class Trainer:
             self.async_timings.append({"start_step": pending["start_step"], "swap_step": self.step,
                                        "wait_s": round(wait_s, 3),
                                        **(json.loads(timing.read_text()) if timing.is_file() else {})})
-            ic = self.cfg.index
-            index, emb, version = index_and_publish(
-                self.store, [result], step=pending["start_step"], kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe,
-                hnsw_m=ic.hnsw_m, pq_m=ic.pq_m, pq_bits=ic.pq_bits, train_size=ic.train_size, use_gpu=ic.use_gpu,
-                gpu_fp16=ic.gpu_fp16)
-            self._install(index, emb)
+            version = self._publish_shards([result], step=pending["start_step"])
             log.info("async refresh: index v%d (context encoder of step %d) swapped in at step %d; training %s "
                      "%.1fs for the encode", version, pending["start_step"], self.step,
                      "waited" if waited else "did not wait; build took", wait_s)
@@ -593,6 +613,7 @@ class Trainer:
         else:
             version = None
         self.index_version = D.broadcast_object(version)
+        self._install_slice()
         self.refresh_passages += len(self.kb)
         self.last_refresh_step = pending["start_step"]
         self._pending = None
@@ -623,30 +644,62 @@ class Trainer:
         ``gather``: the former path (all vectors all-gathered into RAM)."""
         t0 = time.time()
         ic = self.cfg.index
-        kw = dict(kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, hnsw_m=ic.hnsw_m, pq_m=ic.pq_m,
-                  pq_bits=ic.pq_bits, train_size=ic.train_size, use_gpu=ic.use_gpu, gpu_fp16=ic.gpu_fp16)
-        if ic.refresh_path == "shards":
+        if ic.refresh_path == "shards" or ic.placement == "ranks":
             shard_dir = self.store.root / SHARDS_DIR
             shards = self.encode_kb(shard_dir=shard_dir)
             if self.is_main:
-                index, emb, version = index_and_publish(self.store, shards, step=self.step, **kw)
+                version = self._publish_shards(shards, step=self.step)
                 shutil.rmtree(shard_dir, ignore_errors=True)
         else:
             emb = self.encode_kb()
             if self.is_main:
-                index = DenseIndex.build(emb, **kw)
+                index = DenseIndex.build(emb, **self._index_kw())
                 version = self.store.publish(index, emb, step=self.step, dtype=np.dtype(ic.embedding_dtype))
-                emb = emb.astype(ic.embedding_dtype, copy=False)
+                self._install(index, emb.astype(ic.embedding_dtype, copy=False))
         if self.is_main:
-            self._install(index, emb)
-            log.info("index v%d built at step %d (%d passages) in %.1fs", version, self.step, len(emb),
+            log.info("index v%d built at step %d (%d passages) in %.1fs", version, self.step, len(self.kb),
                      time.time() - t0)
         else:
             version = None
         self.index_version = D.broadcast_object(version)
+        self._install_slice()
         self.last_refresh_step = self.step
         self.refresh_passages += len(self.kb)
         self.refresh_seconds += time.time() - t0
+
+    def _index_kw(self) -> dict:
+        ic = self.cfg.index
+        return dict(kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, hnsw_m=ic.hnsw_m, pq_m=ic.pq_m,
+                    pq_bits=ic.pq_bits, train_size=ic.train_size, use_gpu=ic.use_gpu, gpu_fp16=ic.gpu_fp16)
+
+    def _publish_shards(self, shards: list[Path], step: int) -> int:
+        """Rank 0: publish a version from the vector ``shards``; with ``index.placement=rank0`` also build its
+        index and install it here, with ``ranks`` publish the vectors only (each rank then indexes its slice:
+        :meth:`_install_slice`)."""
+        if self.cfg.index.placement == "ranks":
+            kw = self._index_kw()
+            kind = kw.pop("kind")
+            for key in ("use_gpu", "gpu_fp16"):
+                kw.pop(key)
+            return self.store.publish(None, step=step, shards=shards, index_kind=kind, index_params=kw)
+        index, emb, version = index_and_publish(self.store, shards, step=step, **self._index_kw())
+        self._install(index, emb)
+        return version
+
+    def _install_slice(self) -> None:
+        """``index.placement=ranks``, on every rank: index this rank's contiguous KB slice of the live version's
+        vectors (a memory map every rank also reads stored vectors from). Call after ``index_version`` is set."""
+        if self.cfg.index.placement != "ranks":
+            return
+        emb = np.load(self.store.version_dir(self.index_version) / EMBEDDINGS_FILE, mmap_mode="r")
+        kw = self._index_kw()
+        kind = kw.pop("kind")
+        kw.pop("use_gpu"), kw.pop("gpu_fp16")
+        rows = D.equal_slices(len(emb), D.world(), self.cfg.index.encode_batch_size)[D.rank()]
+        self._slice_index = None  # the old slice's index is released before the new one is built
+        self._slice_index = SliceIndex(emb, rows, kind, **kw)
+        self.embeddings = emb
+        drop_pages(emb)
 
     def _install(self, index: DenseIndex, emb: np.ndarray) -> None:
         self.embeddings = emb
@@ -941,14 +994,16 @@ class Trainer:
                 self.store.roll_back(version)
             except FileNotFoundError as e:
                 raise ConfigError(f"resume: {path} used {e}; cannot resume exactly without it") from None
-            index, emb, _ = self.store.load_version(version, use_gpu=self.cfg.index.use_gpu)
-            self._install(index, emb)
+            if self.cfg.index.placement == "rank0":
+                index, emb, _ = self.store.load_version(version, use_gpu=self.cfg.index.use_gpu)
+                self._install(index, emb)
             for name in ("train_log.jsonl", "metrics.jsonl"):  # rows after the checkpoint are rewritten
                 dropped = ckpt.trim_jsonl(self.out / name, self.step)
                 if dropped:
                     log.info("resume: dropped %d row(s) after step %d from %s", dropped, self.step, name)
         self.index_version = version
         D.barrier()
+        self._install_slice()
         log.info("resumed from %s at step %d (index version %d)", path, self.step, version)
         return True
 
