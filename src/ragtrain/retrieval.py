@@ -7,7 +7,8 @@ only; the trainer routes queries to them.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -28,16 +29,18 @@ class DenseRetriever:
 
 
 class BM25Retriever:
-    """Lexical retrieval with bm25s (English stop words)."""
+    """Lexical retrieval with bm25s (English stop words).  ``texts``: any sequence that slices (a list, or
+    :class:`KBTexts` over a KB); the index is built ``chunk`` texts at a time in bounded memory
+    (:func:`ragtrain.index.bm25.build_bm25`: the same scores as ``bm25s.BM25().index(bm25s.tokenize(texts))``)."""
 
-    def __init__(self, texts: Sequence[str], stopwords: str = "en"):
+    def __init__(self, texts: Sequence[str], stopwords: str = "en", chunk: int = 20000):
         import bm25s
+
+        from ragtrain.index.bm25 import build_bm25, text_chunks
 
         self._bm25s = bm25s
         self.stopwords = stopwords
-        self.model = bm25s.BM25()
-        self.model.index(bm25s.tokenize(list(texts), stopwords=stopwords, show_progress=False),
-                         show_progress=False)
+        self.model = build_bm25(text_chunks(texts, chunk), stopwords=stopwords)
         self.n = len(texts)
 
     def search(self, query_vectors, questions, k):
@@ -78,9 +81,27 @@ HYBRID_DEFAULTS = {"depth": 50, "rrf_k": 60.0}
 BM25_DEFAULTS = {"stopwords": "en", "text": "{title} {text}"}
 
 
-def bm25_texts(kb) -> list[str]:
-    """The text BM25 indexes for each KB passage (title and text)."""
-    return [BM25_DEFAULTS["text"].format(title=t, text=x) for t, x in zip(kb["title"], kb["text"])]
+class KBTexts(Sequence):
+    """The text BM25 indexes for each KB passage (title and text), read from the KB (an Arrow memory map) only
+    when sliced: the whole KB's texts never sit in a Python list."""
+
+    def __init__(self, kb):
+        self.kb = kb
+
+    def __len__(self) -> int:
+        return len(self.kb)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            rows = self.kb[item]
+            return [BM25_DEFAULTS["text"].format(title=t, text=x) for t, x in zip(rows["title"], rows["text"])]
+        row = self.kb[int(item)]
+        return BM25_DEFAULTS["text"].format(title=row["title"], text=row["text"])
+
+
+def bm25_texts(kb) -> KBTexts:
+    """The text BM25 indexes for each KB passage (title and text), as a lazy sequence."""
+    return KBTexts(kb)
 
 
 def build_retriever(kind: str, index: DenseIndex | None, kb=None, bm25: BM25Retriever | None = None):
