@@ -345,8 +345,12 @@ def test_rerank_keeps_the_live_encoders_top_k_of_the_stale_top_l(tiny_cfg):
     tr = Trainer(tiny_cfg(**{"rag.mode": "end2end", "rag.n_docs": 3, "rag.rerank_top": 12, "index.refresh_every": 0,
                              "index.refresh_at_end": "false", "train.max_steps": 3,
                              "train.context_encoder_lr": 5e-2}))
-    tr.train()
+    final = tr.train()
     assert tr.index_version == 1  # stale index: only the live encoder moved
+    # the cost the quality benchmark reports: every step re-encodes its distinct candidates (<= batch x L), and no
+    # refresh after the initial build
+    assert 3 * 4 < final["rerank_passages"] <= 3 * 4 * 12 and final["rerank_seconds"] > 0
+    assert final["refresh_passages"] == len(tr.kb)
     tr.model.train()
     batch = next(iter(tr.train_loader))
     rag = tr.unwrapped
