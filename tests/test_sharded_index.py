@@ -95,8 +95,11 @@ def test_a_run_with_the_index_on_the_ranks_equals_the_rank0_index(tmp_path, mode
     ra, rb = ta.search(q, [""] * 5, 3, with_embeddings=True), tb.search(q, [""] * 5, 3, with_embeddings=True)
     assert torch.equal(rb["ids"], ra["ids"])
     torch.testing.assert_close(rb["doc_embeddings"], ra["doc_embeddings"])
-    exported = DenseIndex.load(b / "final" / "index")  # eval / ask load the export the same way
-    assert exported.ntotal == len(tb.kb)
+    from ragtrain.eval.exported import load_index
+
+    exported, stored = load_index(b / "final", None)  # as ragtrain eval / ask load the export
+    assert exported.ntotal == len(tb.kb) and stored.shape[0] == len(tb.kb)
+    np.testing.assert_array_equal(exported.search(q.numpy(), 3)[1], rb["ids"].numpy())
 
 
 def test_placement_ranks_config_errors(tmp_path):

@@ -62,7 +62,7 @@ def load_index(ckpt: Path, index_dir: str | None):
         index, emb, _ = IndexStore(Path(index_dir)).load_current()
         return index, emb
     d = ckpt / "index"
-    if (d / "index.faiss").is_file():
+    if (d / "meta.json").is_file():  # index.faiss, or (index.placement=ranks) only the vectors to build it from
         stored = d / "embeddings.npy"
         return DenseIndex.load(d), (np.load(stored, mmap_mode="r") if stored.is_file() else None)
     return None, None
