@@ -672,15 +672,19 @@ class Trainer:
         return dict(kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, hnsw_m=ic.hnsw_m, pq_m=ic.pq_m,
                     pq_bits=ic.pq_bits, train_size=ic.train_size, use_gpu=ic.use_gpu, gpu_fp16=ic.gpu_fp16)
 
+    def _slice_index_kw(self) -> tuple[str, dict]:
+        """``(kind, parameters)`` of an index built from stored vectors on a CPU (``index.placement=ranks``)."""
+        kw = self._index_kw()
+        for key in ("use_gpu", "gpu_fp16"):
+            kw.pop(key)
+        return kw.pop("kind"), kw
+
     def _publish_shards(self, shards: list[Path], step: int) -> int:
         """Rank 0: publish a version from the vector ``shards``; with ``index.placement=rank0`` also build its
         index and install it here, with ``ranks`` publish the vectors only (each rank then indexes its slice:
         :meth:`_install_slice`)."""
         if self.cfg.index.placement == "ranks":
-            kw = self._index_kw()
-            kind = kw.pop("kind")
-            for key in ("use_gpu", "gpu_fp16"):
-                kw.pop(key)
+            kind, kw = self._slice_index_kw()
             return self.store.publish(None, step=step, shards=shards, index_kind=kind, index_params=kw)
         index, emb, version = index_and_publish(self.store, shards, step=step, **self._index_kw())
         self._install(index, emb)
@@ -692,9 +696,7 @@ class Trainer:
         if self.cfg.index.placement != "ranks":
             return
         emb = np.load(self.store.version_dir(self.index_version) / EMBEDDINGS_FILE, mmap_mode="r")
-        kw = self._index_kw()
-        kind = kw.pop("kind")
-        kw.pop("use_gpu"), kw.pop("gpu_fp16")
+        kind, kw = self._slice_index_kw()
         rows = D.equal_slices(len(emb), D.world(), self.cfg.index.encode_batch_size)[D.rank()]
         self._slice_index = None  # the old slice's index is released before the new one is built
         self._slice_index = SliceIndex(emb, rows, kind, **kw)
