@@ -335,7 +335,8 @@ def run_arm(arm: str, keys: dict, trains: bool, work: Path, keep_exports: bool, 
         # encoding cost of keeping retrieval current while training, in passages: every refresh after the initial
         # build (the end-of-run one included) and the live re-encoding of the re-ranked top-L
         "refresh_passages": trainer.refresh_passages - len(trainer.kb),
-        "rerank_passages": trainer.rerank_passages,
+        "rerank_passages": trainer.rerank_passages,  # training steps only (evaluations: rerank_eval_passages)
+        "rerank_eval_passages": getattr(trainer, "rerank_eval_passages", None),
         "rerank_seconds": round(trainer.rerank_seconds, 2),
         "splits": {k: len(v) for k, v in trainer.splits.items()},
     }

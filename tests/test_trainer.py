@@ -350,6 +350,7 @@ def test_rerank_keeps_the_live_encoders_top_k_of_the_stale_top_l(tiny_cfg):
     # the cost the quality benchmark reports: every step re-encodes its distinct candidates (<= batch x L), and no
     # refresh after the initial build
     assert 3 * 4 < final["rerank_passages"] <= 3 * 4 * 12 and final["rerank_seconds"] > 0
+    assert final["rerank_eval_passages"] > 0  # the final evaluation loss re-ranks too, counted apart
     assert final["refresh_passages"] == len(tr.kb)
     tr.model.train()
     batch = next(iter(tr.train_loader))

@@ -242,8 +242,9 @@ class Trainer:
         self.last_refresh_step = 0
         self.refresh_seconds = 0.0
         self.refresh_passages = 0  # passages encoded by refreshes (the initial build included)
-        self.rerank_seconds = 0.0  # rag.rerank_top: this rank's live re-encoding of the retrieved top-L
+        self.rerank_seconds = 0.0  # rag.rerank_top: this rank's live re-encoding of the top-L in training steps
         self.rerank_passages = 0
+        self.rerank_eval_passages = 0  # ... and in evaluations (the evaluation loss retrieves like a step)
         self.async_wait_seconds = 0.0  # async refresh: time training waited for the encode at swap steps
         self.async_timings: list[dict] = []  # rank 0: per async refresh, the child's start-up/encode and the wait
         self._pending = None  # async refresh in flight: {"start_step", "swap_step", "snapshot"}
@@ -461,6 +462,7 @@ class Trainer:
         (``rag.rerank_top``; Atlas's re-ranking of a stale top-L). Each distinct passage is encoded once, in eval
         mode (no dropout draw), and the encoder is called once a step on every rank (ZeRO-3 lock-step)."""
         t0 = time.time()
+        in_training_step = self.unwrapped.training
         enc = self.unwrapped.context_encoder
         was_training = enc.training
         enc.eval()
@@ -473,8 +475,11 @@ class Trainer:
         scores = torch.einsum("bd,bld->bl", q.detach().float().to(device), c[inverse.to(device)].view(*ids.shape, -1))
         scores = scores.masked_fill(ids.to(device) < 0, float("-inf"))  # retriever padding never wins
         order = scores.topk(k, dim=1).indices.cpu()
-        self.rerank_passages += len(uniq)
-        self.rerank_seconds += time.time() - t0
+        if in_training_step:
+            self.rerank_passages += len(uniq)
+            self.rerank_seconds += time.time() - t0
+        else:
+            self.rerank_eval_passages += len(uniq)
         return torch.gather(ids, 1, order)
 
     def _make_retrieve(self, batch: dict):
@@ -776,7 +781,8 @@ class Trainer:
             self.plot()
         final.update({"train_seconds": train_seconds, "refresh_seconds": self.refresh_seconds,
                       "refresh_passages": self.refresh_passages, "rerank_seconds": self.rerank_seconds,
-                      "rerank_passages": self.rerank_passages, "async_wait_seconds": self.async_wait_seconds})
+                      "rerank_passages": self.rerank_passages, "rerank_eval_passages": self.rerank_eval_passages,
+                      "async_wait_seconds": self.async_wait_seconds})
         return final
 
     def _index_at_end(self) -> None:
