@@ -345,8 +345,8 @@ def worker_bm25(args) -> None:
         loaded = rss_mb()
         reset_peak()
         with Clock() as c:
-            if args.worker == "bm25-build":
-                model = BM25Retriever(bm25_texts(kb)).model
+            if args.worker == "bm25-build":  # as the trainer builds it: its score matrix memory-mapped on disk
+                model = BM25Retriever(bm25_texts(kb), scratch_dir=d / "bm25-scratch").model
             else:
                 texts = list(bm25_texts(kb)[0:len(kb)])
                 model = bm25s.BM25()

@@ -23,12 +23,16 @@ def _corpus(n=600, seed=0):
     return texts, queries
 
 
-@pytest.mark.parametrize("chunk", [1000, 97, 1])
-def test_chunked_build_equals_bm25s_own_index(chunk):
+@pytest.mark.parametrize("chunk,on_disk", [(1000, False), (97, False), (1, False), (97, True)])
+def test_chunked_build_equals_bm25s_own_index(chunk, on_disk, tmp_path):
     texts, queries = _corpus()
     ref = bm25s.BM25()
     ref.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-    lean = build_bm25(text_chunks(texts, chunk))
+    lean = build_bm25(text_chunks(texts, chunk), scratch_dir=tmp_path / "bm25" if on_disk else None)
+    if on_disk:  # the score matrix is searched from its memory maps; the per-chunk scratch files are gone
+        assert isinstance(lean.scores["data"], np.memmap) and isinstance(lean.scores["indices"], np.memmap)
+        assert sorted(p.name for p in (tmp_path / "bm25").iterdir()) == ["data.csc.index.npy",
+                                                                         "indices.csc.index.npy"]
     q = bm25s.tokenize(queries, stopwords="en", show_progress=False)
     (i1, s1), (i2, s2) = (m.retrieve(q, k=10, show_progress=False) for m in (ref, lean))
     np.testing.assert_array_equal(s2, s1)

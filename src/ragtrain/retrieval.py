@@ -31,16 +31,17 @@ class DenseRetriever:
 class BM25Retriever:
     """Lexical retrieval with bm25s (English stop words).  ``texts``: any sequence that slices (a list, or
     :class:`KBTexts` over a KB); the index is built ``chunk`` texts at a time in bounded memory
-    (:func:`ragtrain.index.bm25.build_bm25`: the same scores as ``bm25s.BM25().index(bm25s.tokenize(texts))``)."""
+    (:func:`ragtrain.index.bm25.build_bm25`: the same scores as ``bm25s.BM25().index(bm25s.tokenize(texts))``);
+    with ``scratch_dir`` its score matrix lives in memory-mapped files there, not in anonymous RAM."""
 
-    def __init__(self, texts: Sequence[str], stopwords: str = "en", chunk: int = 20000):
+    def __init__(self, texts: Sequence[str], stopwords: str = "en", chunk: int = 20000, scratch_dir=None):
         import bm25s
 
         from ragtrain.index.bm25 import build_bm25, text_chunks
 
         self._bm25s = bm25s
         self.stopwords = stopwords
-        self.model = build_bm25(text_chunks(texts, chunk), stopwords=stopwords)
+        self.model = build_bm25(text_chunks(texts, chunk), stopwords=stopwords, scratch_dir=scratch_dir)
         self.n = len(texts)
 
     def search(self, query_vectors, questions, k):
@@ -104,16 +105,22 @@ def bm25_texts(kb) -> KBTexts:
     return KBTexts(kb)
 
 
-def build_retriever(kind: str, index: DenseIndex | None, kb=None, bm25: BM25Retriever | None = None):
+def build_retriever(kind: str, index: DenseIndex | None, kb=None, bm25: BM25Retriever | None = None,
+                    bm25_dir=None):
     """``(retriever, bm25)`` for ``index.retriever=kind``: the BM25 index is built from ``kb`` unless ``bm25`` (one
-    built before, e.g. by the previous refresh: it does not depend on the encoders) is given."""
+    built before, e.g. by the previous refresh: it does not depend on the encoders) is given; ``bm25_dir``: a
+    folder (emptied first) for its memory-mapped score matrix."""
     if kind not in RETRIEVERS:
         raise ValueError(f"unknown retriever {kind!r} (choose from {', '.join(RETRIEVERS)})")
     dense = DenseRetriever(index) if index is not None else None
     if kind == "dense":
         return dense, bm25
     if bm25 is None:
-        bm25 = BM25Retriever(bm25_texts(kb), stopwords=BM25_DEFAULTS["stopwords"])
+        if bm25_dir is not None:
+            import shutil
+
+            shutil.rmtree(bm25_dir, ignore_errors=True)
+        bm25 = BM25Retriever(bm25_texts(kb), stopwords=BM25_DEFAULTS["stopwords"], scratch_dir=bm25_dir)
     if kind == "bm25":
         return bm25, bm25
     return HybridRetriever(dense, bm25, **HYBRID_DEFAULTS), bm25

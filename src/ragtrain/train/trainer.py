@@ -711,7 +711,7 @@ class Trainer:
     def _install(self, index: DenseIndex, emb: np.ndarray) -> None:
         self.embeddings = emb
         self.retriever, self._bm25 = build_retriever(self.cfg.index.retriever, index, self.kb,
-                                                     getattr(self, "_bm25", None))
+                                                     getattr(self, "_bm25", None), bm25_dir=self.out / "bm25")
 
     # ----------------------------------------------------------------------------------- train
     def train(self) -> dict:
@@ -1076,7 +1076,7 @@ class Trainer:
 
 # what a run leaves in its output_dir (config.yaml and the KB cache are not a run's results: kept)
 RUN_OUTPUTS = ("train_log.jsonl", "metrics.jsonl", "checkpoints", "final", "index", "tensorboard", "ranks",
-               "curves.png", "predictions_validation.jsonl", "predictions_test.jsonl")
+               "bm25", "curves.png", "predictions_validation.jsonl", "predictions_test.jsonl")
 # ...and those that show it trained (a start that failed before its first step leaves only ranks/index/tensorboard,
 # which a new run replaces or adds to harmlessly)
 RUN_EVIDENCE = ("train_log.jsonl", "metrics.jsonl", "checkpoints", "final")
