@@ -275,6 +275,7 @@ def worker_refresh_rss(args) -> None:
                 local[lo:hi] = torch.from_numpy(vectors(my.start + lo, my.start + hi))
             allv, _ = D.gather_rows(local)
             if rank == 0:
+                state.clear()  # as Trainer._release_index: the old index goes before the new one is built
                 emb = allv.cpu().numpy()
                 index = DenseIndex.build(emb, **kw)
                 store.publish(index, emb, step=step)
@@ -298,6 +299,7 @@ def worker_refresh_rss(args) -> None:
                 state.pop("index", None)
                 state.update(index=SliceIndex(emb, my, args.kind), emb=emb)
             elif rank == 0:
+                state.clear()
                 index, emb, _ = index_and_publish(store, shard_paths(out / ".shards", world), step=step, **kw)
                 shutil.rmtree(out / ".shards", ignore_errors=True)
                 state.update(index=index, emb=emb)

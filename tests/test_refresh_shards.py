@@ -105,3 +105,22 @@ def test_publish_from_shards_streams_them_into_one_npy(tmp_path):
     assert store.versions() == [v], "a refused publish leaves nothing behind"
     assert concat_npy(paths, tmp_path / "c.npy", buffer_bytes=16) == (12, 8)  # tiny buffer: many pieces
     np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), whole)
+
+
+@pytest.mark.parametrize("path", ["shards", "gather"])
+def test_rank0_drops_the_old_index_before_building_the_new_one(tiny_cfg, monkeypatch, path):
+    """Rank 0 never holds two whole indexes: the live one is released before a refresh builds the next (nothing
+    searches meanwhile), which is what keeps its refresh peak near one index (benchmarks/scale.py)."""
+    tr = Trainer(tiny_cfg(**{"index.refresh_path": path}))
+    held = []
+    for name in ("build", "build_chunked"):
+        inner = getattr(DenseIndex, name).__func__
+
+        def spy(cls, *a, _inner=inner, **kw):
+            held.append((tr.retriever, tr.embeddings))
+            return _inner(cls, *a, **kw)
+
+        monkeypatch.setattr(DenseIndex, name, classmethod(spy))
+    tr.refresh_index()
+    assert held and all(r is None and e is None for r, e in held)
+    assert tr.retriever is not None and tr.index_version == 2

@@ -658,6 +658,7 @@ class Trainer:
         else:
             emb = self.encode_kb()
             if self.is_main:
+                self._release_index()
                 index = DenseIndex.build(emb, **self._index_kw())
                 version = self.store.publish(index, emb, step=self.step, dtype=np.dtype(ic.embedding_dtype))
                 self._install(index, emb.astype(ic.embedding_dtype, copy=False))
@@ -691,6 +692,7 @@ class Trainer:
         if self.cfg.index.placement == "ranks":
             kind, kw = self._slice_index_kw()
             return self.store.publish(None, step=step, shards=shards, index_kind=kind, index_params=kw)
+        self._release_index()
         index, emb, version = index_and_publish(self.store, shards, step=step, **self._index_kw())
         self._install(index, emb)
         return version
@@ -707,6 +709,13 @@ class Trainer:
         self._slice_index = SliceIndex(emb, rows, kind, **kw)
         self.embeddings = emb
         drop_pages(emb)
+
+    def _release_index(self) -> None:
+        """Rank 0, right before it builds a new index: drop the old one (and its stored-vector map). Nothing
+        searches while the new one is built (every rank is inside the refresh, or at the async swap), so rank 0
+        never holds two whole indexes at once."""
+        self.retriever = None
+        self.embeddings = None
 
     def _install(self, index: DenseIndex, emb: np.ndarray) -> None:
         self.embeddings = emb
