@@ -541,7 +541,8 @@ def write_markdown(res: dict, path: Path) -> None:
           "released every 64 MB) and rank 0's by what the index build needs. At these sizes N <= the IVF training "
           f"sample ({ts:,} vectors, `index.train_size`), so rank 0's ivfpq training copies the whole matrix (and "
           "FAISS its residuals); above it the sample, not N, bounds that part. A flat (or HNSW) index holds every "
-          "vector itself, so rank 0 keeps the old and the new index during the build (about one matrix more). The "
+          "vector itself; rank 0 releases the live index before it builds the next (nothing searches during a "
+          "refresh), so it holds one index at a time. The "
           "base RSS here is a bare process (torch + faiss, ~250 MB) whereas a trainer also holds its models, so "
           "`peak / between` is closer to 1 than in training; `increase / matrix` is the size-independent figure.",
           ""]
