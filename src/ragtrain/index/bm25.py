@@ -77,16 +77,17 @@ def build_bm25(chunks: Iterable[Sequence[str]], stopwords: str = "en", k1: float
         width = int(flat.max()) + 1 if flat.size else 1
         keys, counts = np.unique(local * width + flat, return_counts=True)  # sorted: document, then token
         c = len(lengths)
+        tok = (keys % width).astype(np.int32)
         docs.append(keep(f"doc{c}", (keys // width + n_docs).astype(np.int32)))
-        toks.append(keep(f"tok{c}", (keys % width).astype(np.int32)))
         tfs.append(keep(f"tf{c}", np.minimum(counts, np.iinfo(np.uint16).max).astype(np.uint16)))
-        counts_here = np.bincount(keys % width)  # document frequencies of this chunk's tokens
+        counts_here = np.bincount(tok)  # document frequencies of this chunk's tokens
+        toks.append(keep(f"tok{c}", tok))
         if len(counts_here) > len(df):
             df = np.concatenate([df, np.zeros(len(counts_here) - len(df), dtype=np.int64)])
         df[: len(counts_here)] += counts_here
         lengths.append(lens.astype(np.int32))
         n_docs += len(lens)
-        del flat, local, keys, counts
+        del flat, local, keys, counts, tok
     vocab = tokenizer.get_vocab_dict()
     n_vocab = len(vocab)
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)

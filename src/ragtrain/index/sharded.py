@@ -27,7 +27,7 @@ class SliceIndex:
     def __init__(self, vectors: np.ndarray, rows: range, kind: str = "flat", **index_kw: Any) -> None:
         if rows.step != 1 or rows.start < 0 or rows.stop > len(vectors):
             raise ValueError(f"SliceIndex: rows {rows} is not a contiguous slice of {len(vectors)} vectors")
-        self.start, self.stop, self.dim = rows.start, rows.stop, int(vectors.shape[1])
+        self.start, self.stop = rows.start, rows.stop
         self.index = (DenseIndex.build_chunked([vectors[rows.start: rows.stop]], kind, **index_kw)
                       if len(rows) else None)
 
