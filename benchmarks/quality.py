@@ -67,7 +67,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "src" / "ragtrain" / "sample"
 DATASETS = {"squad": SHARED_DATA / "squad-v1.1-dev.json.gz", "covid": SHARED_DATA / "covid-qa-200423.json.gz"}
-ARMS = ("zero-shot", "rag-original", "rag-end2end", "rag-end2end-joint", "bm25", "rag-end2end-rerank")
+ARMS = ("zero-shot", "rag-original", "rag-end2end", "rag-end2end-joint", "bm25", "rag-end2end-rerank",
+        "rag-end2end-stale")
 DEFAULT_ARMS = ("zero-shot", "rag-original", "rag-end2end", "bm25")  # + rag-end2end-joint at the cpu scale
 
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
@@ -169,6 +170,8 @@ def arm_keys(arm: str, refresh, joint_weight: float = 1.0, rerank_top: int = 0) 
         # (Atlas); the KB is re-encoded once, after the last step, for the test evaluation and the export
         return {"rag.mode": "end2end", "index.retriever": "dense", "index.refresh_every": 0,
                 "rag.rerank_top": rerank_top}, True
+    if arm == "rag-end2end-stale":  # the re-rank arm's control: the same stale index, no re-ranking
+        return {"rag.mode": "end2end", "index.retriever": "dense", "index.refresh_every": 0}, True
     raise ValueError(f"unknown arm {arm!r} (choose from {', '.join(ARMS)})")
 
 
@@ -354,7 +357,8 @@ def run_arm(arm: str, keys: dict, trains: bool, work: Path, keep_exports: bool, 
 # ------------------------------------------------------------------------------------------------ statistics
 COMPARISONS = (("rag-end2end", "rag-original"), ("rag-end2end", "bm25"), ("rag-end2end-joint", "rag-original"),
                ("rag-end2end-joint", "bm25"), ("rag-end2end-joint", "rag-end2end"),
-               ("rag-end2end-rerank", "rag-end2end"), ("rag-end2end-rerank", "rag-original"))
+               ("rag-end2end-rerank", "rag-end2end"), ("rag-end2end-rerank", "rag-original"),
+               ("rag-end2end-stale", "rag-end2end"), ("rag-end2end-rerank", "rag-end2end-stale"))
 COMPARED_METRICS = ("recall@5", "em", "f1", "recall@20", "rr")
 
 
@@ -496,7 +500,9 @@ def results_markdown(res: dict) -> str:
         "(in-batch contrastive loss against the gold passage added to the generator's marginal likelihood); "
         "bm25 = `index.retriever=bm25`, `rag.mode=original`; rag-end2end-rerank = `rag.mode=end2end` with no "
         "refresh while training, the stale top-`rag.rerank_top` re-scored by the live context encoder every step "
-        "(Atlas), the KB re-encoded once after the last step for the test evaluation. Same "
+        "(Atlas), the KB re-encoded once after the last step for the test evaluation; rag-end2end-stale = the "
+        "re-rank arm without re-ranking (its control: end2end training against the initial index, the KB "
+        "re-encoded once after the last step). Same "
         "initialisation, seed, data order, steps and hyper-parameters otherwise (`common` in results.json).",
     ]
     cost = rerank_cost(res)
