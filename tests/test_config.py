@@ -77,6 +77,10 @@ def test_yaml_no_is_a_string_for_string_keys(tmp_path):
     ("train.report_to=tensorbored", "train.report_to"),
     ("train.report_to=", "train.report_to"),
     ("overwrite=maybe", "overwrite"),
+    ("index.nlist=0", "index.nlist"),
+    ("index.nprobe=some", "index.nprobe"),
+    ("index.target_recall=0", "index.target_recall"),
+    ("index.target_recall=1.2", "index.target_recall"),
 ])
 def test_new_keys_are_validated(tmp_path, override, key):
     with pytest.raises(ConfigError) as exc:

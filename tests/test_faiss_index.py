@@ -297,3 +297,89 @@ def test_build_chunked_trains_on_a_sample_across_shards():
     assert s.shape == (800, 32)
     rows = {tuple(r) for r in emb[:1000]}
     assert 0 < sum(tuple(r) in rows for r in s) < 800  # drawn from both shards
+
+
+# ------------------------------------------------------------------ nlist / nprobe = "auto"
+def _recall_of_exact(index, emb, query_ids, nprobe, k):
+    """Share of the sample's exact top-k neighbours (brute force; each query's own id left out) that the index
+    finds at ``nprobe``, computed here independently of ``tune_nprobe``."""
+    q = emb[query_ids]
+    exact = brute_force(emb, q, k + 1)[1]
+    index._set_nprobe(nprobe)
+    found = index._index.search(q, k + 1)[1]
+    sets = [[set([int(x) for x in row if x >= 0 and x != qid][:k]) for row, qid in zip(ids, query_ids)]
+            for ids in (found, exact)]
+    return sum(len(a & b) for a, b in zip(*sets)) / sum(len(b) for b in sets[1])
+
+
+def test_auto_nlist_is_four_sqrt_n_clipped_by_the_training_sample():
+    from ragtrain.index.faiss_index import auto_nlist
+
+    assert [auto_nlist(n) for n in (100_000, 1_000_000, 21_000_000)] == [1024, 4096, 16384]
+    emb, _ = clustered(4000, 16, n_clusters=50)
+    index = DenseIndex.build(emb, kind="ivf", nlist="auto", nprobe=4)
+    assert index._effective_nlist_value == 4000 // 39  # 4 x sqrt(4000) -> 256 lists, clipped to 102
+    index = DenseIndex.build_chunked([emb[:2000], emb[2000:]], kind="ivf", nlist="auto", nprobe=4, train_size=1200)
+    assert index._effective_nlist_value == 1200 // 39  # chosen from N = 4000, clipped by the 1200 trained on
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.95])
+def test_auto_nprobe_is_the_smallest_grid_value_that_meets_the_target(kind, target):
+    from ragtrain.index.faiss_index import TUNE_QUERIES, _probe_grid
+
+    emb = np.random.default_rng(0).standard_normal((6000, 32)).astype(np.float32)  # isotropic: hard for IVF
+    index = DenseIndex.build(emb, kind=kind, nlist=64, nprobe="auto", target_recall=target, tune_k=8, pq_m=4,
+                             pq_bits=6)
+    tuned = index.tuned
+    assert tuned["k"] == 8 and tuned["queries"] == TUNE_QUERIES and tuned["nprobe"] == index.effective_nprobe
+    pick = np.sort(np.random.default_rng(1).choice(len(emb), TUNE_QUERIES, replace=False))  # the tuner's sample
+    grid = _probe_grid(64)
+    at = {p: _recall_of_exact(index, emb, pick, p, 8) for p in grid}
+    assert tuned["recall_all_lists"] == pytest.approx(at[64], abs=1e-4)
+    reachable = min(target, at[64])  # product quantisation can cap the recall below the target
+    best = min(p for p in grid if at[p] >= reachable)
+    assert tuned["nprobe"] == best and tuned["recall"] == pytest.approx(at[best], abs=1e-4)
+    assert 1 < best < 64  # the test covers a real choice, neither extreme
+
+
+def test_auto_nprobe_searches_with_the_tuned_value_and_survives_save_load(tmp_path):
+    emb, q = clustered(6000, 32, n_clusters=300)
+    index = DenseIndex.build(emb, kind="ivf", nlist=64, nprobe="auto", target_recall=0.8, tune_k=8)
+    p = index.tuned["nprobe"]
+    fixed = DenseIndex.build(emb, kind="ivf", nlist=64, nprobe=p)
+    np.testing.assert_array_equal(index.search(q, K)[1], fixed.search(q, K)[1])
+    index.save(tmp_path / "ix")
+    meta = json.loads((tmp_path / "ix" / "meta.json").read_text())
+    assert meta["params"]["nprobe"] == "auto" and meta["params"]["tuned_nprobe"]["nprobe"] == p
+    loaded = DenseIndex.load(tmp_path / "ix")
+    assert loaded.tuned == index.tuned and loaded.effective_nprobe == p
+    np.testing.assert_array_equal(loaded.search(q, K)[1], fixed.search(q, K)[1])
+    meta["params"].pop("tuned_nprobe")
+    (tmp_path / "ix" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="nprobe=auto but records no tuned value"):
+        DenseIndex.load(tmp_path / "ix")
+    index.set_search_params(nprobe=64)  # an explicit value replaces the tuned one
+    assert index.tuned is None and index.effective_nprobe == 64
+    np.testing.assert_array_equal(index.search(q, K)[1], brute_force(emb, q, K)[1])
+
+
+def test_auto_nprobe_rebuilt_from_stored_vectors_tunes_the_same(tmp_path):
+    """A version published without index.faiss (index.placement=ranks) is rebuilt from its vectors on load: the
+    same nlist, the same tuned nprobe, the same results."""
+    emb, q = clustered(6000, 32, n_clusters=300)
+    index = DenseIndex.build_chunked([emb], kind="ivf", nlist="auto", nprobe="auto", target_recall=0.8)
+    np.save(tmp_path / "embeddings.npy", emb)
+    DenseIndex.save_meta_only(tmp_path, "ivf", 32, len(emb), "embeddings.npy", index._params())
+    loaded = DenseIndex.load(tmp_path)
+    assert loaded._effective_nlist_value == index._effective_nlist_value and loaded.tuned == index.tuned
+    np.testing.assert_array_equal(loaded.search(q, K)[1], index.search(q, K)[1])
+
+
+def test_auto_parameter_errors():
+    with pytest.raises(ValueError, match="nlist must be an integer or 'auto'"):
+        DenseIndex(8, "ivf", nlist="many")
+    with pytest.raises(ValueError, match="nprobe must be >= 1"):
+        DenseIndex(8, "ivf", nprobe=0)
+    with pytest.raises(ValueError, match="target_recall"):
+        DenseIndex(8, "ivf", target_recall=0)

@@ -502,3 +502,17 @@ def test_logged_losses_are_what_their_names_say(tiny_cfg, monkeypatch):
     assert {"lr/generator", "lr/question_encoder", "lr/context_encoder"} <= set(train_logs[4])
     assert np.isfinite(train_logs[4]["train/nll_per_token"]) and train_logs[4]["train/perplexity"] > 1
     assert any("validation/loss" in v and v["validation/loss"] == rows[0]["loss"] for _, v in logged)
+
+
+def test_ivf_auto_nprobe_is_tuned_for_the_retrieved_depth_and_stored_with_the_version(tiny_cfg):
+    """index.nlist / index.nprobe default to auto: the trainer tunes nprobe for the depth it retrieves
+    (max(n_docs, rerank_top)) to index.target_recall, and the version's meta.json records the tuned value."""
+    import json
+
+    tr = Trainer(tiny_cfg(**{"index.kind": "ivf", "rag.mode": "end2end", "rag.n_docs": 3, "rag.rerank_top": 5,
+                             "index.target_recall": 0.7}))
+    assert tr.cfg.index.nlist == "auto" and tr.cfg.index.nprobe == "auto"
+    meta = json.loads((tr.store.current_dir() / "meta.json").read_text())
+    tuned = meta["params"]["tuned_nprobe"]
+    assert meta["params"]["nprobe"] == "auto" and meta["params"]["target_recall"] == 0.7
+    assert tuned["k"] == 5 and tuned["recall"] >= 0.7 and 1 <= tuned["nprobe"] <= meta["params"]["effective_nlist"]

@@ -129,8 +129,11 @@ class IndexConfig:
     async_lag: int = 5
     async_threads: int = 1  # CPU threads of the encoding process
     encode_batch_size: int = 64
-    nlist: int = 1024
-    nprobe: int = 32
+    # ivf/ivfpq: "auto" = 4 x sqrt(N) lists (a power of two); nprobe "auto" = the fewest lists whose top-k agrees
+    # with probing every list on >= target_recall of a sample of KB vectors' neighbours (tuned at every build)
+    nlist: Union[int, str] = "auto"
+    nprobe: Union[int, str] = "auto"
+    target_recall: float = 0.9
     hnsw_m: int = 32
     pq_m: int = 16  # ivfpq: sub-quantizers (the encoder's dim must be divisible by it)
     pq_bits: int = 8  # ivfpq: bits per sub-quantizer code (a vector costs pq_m * pq_bits / 8 bytes)
@@ -435,8 +438,14 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     for key in ("eval_every", "save_every", "keep_checkpoints", "log_every", "warmup_steps", "num_workers",
                 "generator_lr", "question_encoder_lr", "context_encoder_lr", "weight_decay", "max_grad_norm"):
         positive(f"train.{key}", getattr(cfg.train, key), allow_zero=True)
-    for key in ("encode_batch_size", "nlist", "nprobe", "hnsw_m", "pq_m", "train_size", "keep_versions"):
+    for key in ("encode_batch_size", "hnsw_m", "pq_m", "train_size", "keep_versions"):
         positive(f"index.{key}", getattr(cfg.index, key))
+    for key in ("nlist", "nprobe"):
+        value = getattr(cfg.index, key)
+        if value != "auto" and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"index.{key}: must be a positive integer or auto, got {value!r}")
+    if not 0 < cfg.index.target_recall <= 1:
+        raise ConfigError(f"index.target_recall: must be in (0, 1], got {cfg.index.target_recall}")
     positive("eval.num_beams", cfg.eval.num_beams)
     choice("eval.decoding", cfg.eval.decoding, DECODINGS)
     choice("model.chat_template", cfg.model.chat_template, ("auto", "yes", "no"))
@@ -607,8 +616,10 @@ HELP: dict[str, str] = {
     "index.refresh_every": "re-encode the KB and rebuild the index: 0 never, N every N steps, or "
                            "\"0-1000:100,1000-:500\"",
     "index.encode_batch_size": "passages per KB-encoding batch",
-    "index.nlist": "IVF lists",
-    "index.nprobe": "IVF lists probed per search",
+    "index.nlist": "IVF lists, or auto: 4 x sqrt(KB size) rounded to a power of two",
+    "index.nprobe": "IVF lists probed per search, or auto: tuned at every index build to index.target_recall",
+    "index.target_recall": "nprobe=auto: the share of a sample's top-k neighbours that must agree with probing "
+                           "every list",
     "index.hnsw_m": "HNSW neighbours per node",
     "index.pq_m": "ivfpq sub-quantizers (the encoder's dim must be divisible by it)",
     "index.pq_bits": "ivfpq bits per sub-quantizer code (1-16; clipped to log2 of the training vectors)",

@@ -11,6 +11,12 @@
   (a PQ codebook of ``2**bits`` centroids needs at least that many training points);
 * ``"hnsw"``  -- ``IndexHNSWFlat(dim, M, METRIC_INNER_PRODUCT)`` inside ``IndexIDMap2``.
 
+``nlist="auto"`` picks the list count from ``N`` (:func:`auto_nlist`); ``nprobe="auto"`` tunes it once the index
+holds every vector (:meth:`DenseIndex.tune_nprobe`): the smallest probe count whose top-``tune_k`` neighbours of a
+seeded sample of the indexed vectors (each query's own id left out) agree with probing every list on at least
+``target_recall`` of them.  The chosen value and the recall measured are stored with the index (``meta.json``), so
+a loaded or resumed index searches exactly as it did when built.
+
 IVF and IVF-PQ are trained on at most ``train_size`` vectors: all of them when ``N <= train_size``, else a
 seeded random sample (:meth:`DenseIndex.train`, or the first batch given to :meth:`DenseIndex.add`);
 :meth:`DenseIndex.build_chunked` trains on a sample drawn across chunked sources (e.g. memory-mapped
@@ -48,6 +54,35 @@ _KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 _IVF_KINDS = ("ivf", "ivfpq")
 DEFAULT_TRAIN_SIZE = 1 << 17  # vectors an IVF/IVF-PQ index is trained on (a sample when N is larger)
 _MIN_POINTS_PER_CENTROID = 39
+AUTO = "auto"
+TUNE_QUERIES = 256  # sample queries nprobe="auto" is tuned on
+
+
+def auto_nlist(n: int) -> int:
+    """IVF list count for ``n`` vectors: ``4 * sqrt(n)`` (the low end of FAISS's guideline of 4-16 x sqrt(N)),
+    rounded to a power of two; at least 1."""
+    return max(1, 1 << int(round(np.log2(max(4.0 * np.sqrt(max(n, 1)), 1.0)))))
+
+
+def _auto_or_int(value: Any, what: str) -> int | str:
+    if value == AUTO:
+        return AUTO
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"DenseIndex: {what} must be an integer or {AUTO!r}, got {value!r}") from None
+    if out < 1:
+        raise ValueError(f"DenseIndex: {what} must be >= 1 or {AUTO!r}, got {value!r}")
+    return out
+
+
+def _probe_grid(nlist: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, ... (steps of x1.5 / x1.33) up to and including ``nlist``."""
+    grid, a = [], 1
+    while a < nlist:
+        grid += [a] if a < 2 else [a, a + a // 2]
+        a *= 2
+    return sorted({g for g in grid if g < nlist} | {nlist})
 
 _warned_no_gpu = False
 
@@ -129,8 +164,10 @@ class DenseIndex:
         dim: int,
         kind: str = "flat",
         *,
-        nlist: int = 1024,
-        nprobe: int = 32,
+        nlist: int | str = AUTO,
+        nprobe: int | str = AUTO,
+        target_recall: float = 0.9,
+        tune_k: int = 10,
         hnsw_m: int = 32,
         ef_search: int = 128,
         ef_construction: int = 64,
@@ -153,8 +190,15 @@ class DenseIndex:
             raise ValueError(f"DenseIndex: train_size must be >= 1, got {train_size}")
         self._dim = int(dim)
         self.kind = kind
-        self.nlist = int(nlist)  # requested; the effective value is fixed at training time
-        self.nprobe = int(nprobe)
+        if not 0 < target_recall <= 1:
+            raise ValueError(f"DenseIndex: target_recall must be in (0, 1], got {target_recall}")
+        if int(tune_k) < 1:
+            raise ValueError(f"DenseIndex: tune_k must be >= 1, got {tune_k}")
+        self.nlist = _auto_or_int(nlist, "nlist")  # requested; the effective value is fixed at training time
+        self.nprobe = _auto_or_int(nprobe, "nprobe")  # requested; "auto": tuned once every vector is added
+        self.target_recall = float(target_recall)
+        self.tune_k = int(tune_k)
+        self.tuned: dict[str, Any] | None = None  # nprobe="auto": {"nprobe", "recall", "queries", "k"}
         self.hnsw_m = int(hnsw_m)
         self.ef_search = int(ef_search)
         self.ef_construction = int(ef_construction)
@@ -187,7 +231,10 @@ class DenseIndex:
         """Index ``embeddings`` (N, d) with ids ``ids`` (default ``arange(N)``)."""
         emb = _as_float32_2d(embeddings, "embeddings")
         index = cls(emb.shape[1], kind, **kw)
+        if kind in _IVF_KINDS:
+            index.train(emb, n_total=emb.shape[0])
         index.add(emb, ids)
+        index._tune_if_auto([emb], None if ids is None else np.asarray(ids, dtype=np.int64).reshape(-1))
         return index
 
     @classmethod
@@ -212,8 +259,9 @@ class DenseIndex:
                              f"{[tuple(s.shape) for s in sources]}")
         use_gpu = bool(kw.pop("use_gpu", False))
         index = cls(dims.pop(), kind, **kw)  # on CPU while adding; moved to GPUs once complete
+        total = sum(int(s.shape[0]) for s in sources)
         if kind in _IVF_KINDS:
-            index.train(_sample_rows(sources, index.train_size, seed))
+            index.train(_sample_rows(sources, index.train_size, seed), n_total=total)
         start = 0
         for src in sources:
             for lo in range(0, src.shape[0], chunk_rows):
@@ -222,18 +270,21 @@ class DenseIndex:
                 del chunk
                 _drop_pages(src)
             start += src.shape[0]
+        index._tune_if_auto(sources, None)
         if use_gpu:
             index.use_gpu = True
             index.to_gpu()
         return index
 
-    def _effective_nlist(self, n: int) -> int:
-        return max(1, min(self.nlist, n // _MIN_POINTS_PER_CENTROID))
+    def _effective_nlist(self, n: int, n_total: int | None = None) -> int:
+        want = auto_nlist(n if n_total is None else n_total) if self.nlist == AUTO else self.nlist
+        return max(1, min(want, n // _MIN_POINTS_PER_CENTROID))
 
-    def train(self, sample: np.ndarray | torch.Tensor) -> None:
+    def train(self, sample: np.ndarray | torch.Tensor, n_total: int | None = None) -> None:
         """Train an IVF/IVF-PQ index on ``sample`` (at most ``train_size`` rows are used: a seeded random
-        subset of a larger sample); a no-op for flat/hnsw.  ``nlist`` (and ``pq_bits``) are clipped to
-        what the sample supports."""
+        subset of a larger sample); a no-op for flat/hnsw.  ``n_total``: how many vectors the index will hold
+        (``nlist="auto"`` is chosen from it; default: the sample's size).  ``nlist`` (and ``pq_bits``) are
+        clipped to what the sample supports."""
         if self.kind not in _IVF_KINDS:
             return
         if self._index is not None:
@@ -243,8 +294,11 @@ class DenseIndex:
             pick = np.sort(np.random.default_rng(0).choice(emb.shape[0], self.train_size, replace=False))
             emb = emb[pick]
         n = emb.shape[0]
-        nlist = self._effective_nlist(n)
-        if nlist < self.nlist:
+        nlist = self._effective_nlist(n, n_total)
+        if self.nlist == AUTO:
+            logger.info("DenseIndex: nlist=auto -> %d lists for %d vectors (%d training vectors)", nlist,
+                        n if n_total is None else n_total, n)
+        elif nlist < self.nlist:
             logger.info("DenseIndex: clipping IVF nlist %d -> %d for %d training vectors", self.nlist, nlist, n)
         quantizer = faiss.IndexFlatIP(self._dim)
         if self.kind == "ivf":
@@ -256,12 +310,116 @@ class DenseIndex:
             ivf = faiss.IndexIVFPQ(quantizer, self._dim, nlist, self.pq_m, bits, faiss.METRIC_INNER_PRODUCT)
             self._effective_pq_bits_value = bits
         ivf.train(emb)
-        ivf.nprobe = min(self.nprobe, nlist)
+        ivf.nprobe = nlist if self.nprobe == AUTO else min(self.nprobe, nlist)  # auto: exhaustive until tuned
         self._effective_nlist_value = nlist
         self._index = ivf
 
     def _train_ivf(self, emb: np.ndarray) -> None:
         self.train(emb)
+
+    def _tune_if_auto(self, sources: list[np.ndarray], ids: np.ndarray | None, seed: int = 1,
+                      chunk_rows: int = 1 << 16) -> None:
+        """``nprobe="auto"``: tune it on a seeded sample of the indexed rows of ``sources`` (ids ``ids``, default
+        ``0..N-1`` across them), against their exact top-k computed from ``sources`` chunk by chunk."""
+        if self.kind not in _IVF_KINDS or self.nprobe != AUTO or self.ntotal == 0:
+            return
+        total = sum(int(s.shape[0]) for s in sources)
+        pick = np.sort(np.random.default_rng(seed).choice(total, min(TUNE_QUERIES, total), replace=False))
+        rows, start = [], 0
+        for src in sources:
+            n = int(src.shape[0])
+            mine = pick[(pick >= start) & (pick < start + n)] - start
+            if len(mine):
+                rows.append(np.asarray(src[mine], dtype=np.float32))
+            start += n
+        q = np.ascontiguousarray(np.concatenate(rows))
+        k = min(self.tune_k, total - 1) + 1  # + the query itself, left out below
+        heap, start = faiss.ResultHeap(len(q), k, keep_max=True), 0
+        for src in sources:
+            for lo in range(0, int(src.shape[0]), chunk_rows):
+                chunk = _as_float32_2d(src[lo: lo + chunk_rows], "embeddings")
+                d, i = faiss.knn(q, chunk, min(k, chunk.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+                heap.add_result(np.ascontiguousarray(d), np.ascontiguousarray(i + start + lo))
+            _drop_pages(src)
+            start += int(src.shape[0])
+        heap.finalize()
+        pos = np.clip(heap.I, 0, None)
+        exact = np.where(heap.I >= 0, pos if ids is None else ids[pos], -1)
+        self.tune_nprobe(q, pick if ids is None else ids[pick], exact)
+
+    def tune_nprobe(self, queries: np.ndarray, query_ids: np.ndarray | None = None,
+                    exact_ids: np.ndarray | None = None) -> dict[str, Any]:
+        """Set ``nprobe`` to the smallest value on a x1.5 grid (1, 2, 3, 4, 6, 8, 12, ...) at which at least
+        ``target_recall`` of the ``queries``' true top-``tune_k`` neighbours are found (the search is monotone in
+        ``nprobe``, so the grid is bisected).  The truth is ``exact_ids`` (exact search, best first) or, without
+        it, the index's own exhaustive probe of every list.  Where even probing every list falls short of the
+        target (product quantisation's error), the target becomes what probing every list achieves, and a
+        warning says so.  ``query_ids``: the queries' own ids when they are indexed vectors; each is left out of
+        every list.  Returns (and stores in ``self.tuned``, saved with the index)
+        ``{"nprobe", "recall", "queries", "k", "recall_all_lists"}``."""
+        if self.kind not in _IVF_KINDS or self._index is None:
+            raise RuntimeError("DenseIndex.tune_nprobe: needs a built ivf/ivfpq index")
+        q = _as_float32_2d(queries, "queries")
+        nlist = int(self._effective_nlist_value)
+        k = min(self.tune_k, self.ntotal - 1) if query_ids is not None else min(self.tune_k, self.ntotal)
+        if k < 1:
+            self._set_nprobe(nlist)
+            self.tuned = {"nprobe": nlist, "recall": 1.0, "queries": int(q.shape[0]), "k": 0, "recall_all_lists": 1.0}
+            return self.tuned
+
+        def first_k(ids: np.ndarray) -> list[set]:
+            out = []
+            for i, row in enumerate(ids):
+                row = [int(x) for x in row if x >= 0 and (query_ids is None or x != query_ids[i])]
+                out.append(set(row[:k]))
+            return out
+
+        def top(nprobe: int) -> list[set]:
+            self._set_nprobe(nprobe)
+            return first_k(self._index.search(q, k + (query_ids is not None))[1])
+
+        truth = first_k(exact_ids) if exact_ids is not None else top(nlist)
+        denom = sum(len(t) for t in truth) or 1
+
+        def recall(nprobe: int) -> float:
+            return sum(len(a & t) for a, t in zip(top(nprobe), truth)) / denom
+
+        grid = _probe_grid(nlist)
+        measured = {nlist: recall(nlist)}
+        target = min(self.target_recall, measured[nlist])
+        if measured[nlist] < self.target_recall:
+            logger.warning("DenseIndex: nprobe=auto: even probing all %d lists finds only %.3f of the exact top-%d "
+                           "(target %.2f; the %s codes lose it): tuning to that instead", nlist, measured[nlist], k,
+                           self.target_recall, self.kind)
+        lo, hi = 0, len(grid) - 1  # grid[hi] (= nlist) meets the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            measured[grid[mid]] = recall(grid[mid])
+            if measured[grid[mid]] >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        chosen = grid[hi]
+        self._set_nprobe(chosen)
+        self.tuned = {"nprobe": chosen, "recall": round(measured[chosen], 4), "queries": int(q.shape[0]), "k": k,
+                      "recall_all_lists": round(measured[nlist], 4)}
+        logger.info("DenseIndex: nprobe=auto -> %d of %d lists (recall of the %s top-%d: %.3f, target %.2f; all lists: "
+                    "%.3f; %d sample queries)", chosen, nlist, "exact" if exact_ids is not None else "all-lists", k,
+                    measured[chosen], self.target_recall, measured[nlist], q.shape[0])
+        return self.tuned
+
+    def _set_nprobe(self, nprobe: int) -> None:
+        space = faiss.GpuParameterSpace() if self._on_gpu else faiss.ParameterSpace()
+        space.set_index_parameter(self._index, "nprobe", int(nprobe))
+
+    @property
+    def effective_nprobe(self) -> int | None:
+        """The probe count searches use (ivf/ivfpq), or None."""
+        if self.kind not in _IVF_KINDS or self._effective_nlist_value is None:
+            return None
+        if self.nprobe == AUTO:
+            return self.tuned["nprobe"] if self.tuned else self._effective_nlist_value
+        return min(self.nprobe, self._effective_nlist_value)
 
     def add(self, embeddings: np.ndarray | torch.Tensor, ids: np.ndarray | None = None) -> None:
         """Add vectors with int64 ``ids`` (default: continue ``ntotal, ntotal+1, ...``)."""
@@ -320,15 +478,17 @@ class DenseIndex:
     def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change search-time parameters in place (nprobe for ivf, efSearch for hnsw); others ignored."""
         if nprobe is not None:
-            self.nprobe = int(nprobe)
+            self.nprobe = _auto_or_int(nprobe, "nprobe")
+            if self.nprobe == AUTO:
+                raise ValueError("DenseIndex.set_search_params: nprobe must be an integer (tune_nprobe tunes it)")
         if ef_search is not None:
             self.ef_search = int(ef_search)
         if self._index is None:
             return
         space = faiss.GpuParameterSpace() if self._on_gpu else faiss.ParameterSpace()
         if self.kind in _IVF_KINDS and nprobe is not None:
-            limit = self._effective_nlist_value or self.nprobe
-            space.set_index_parameter(self._index, "nprobe", min(self.nprobe, limit))
+            self.tuned = None  # an explicit nprobe replaces a tuned one
+            space.set_index_parameter(self._index, "nprobe", min(self.nprobe, self._effective_nlist_value))
         elif self.kind == "hnsw" and ef_search is not None:
             space.set_index_parameter(self._index, "efSearch", self.ef_search)
 
@@ -362,6 +522,8 @@ class DenseIndex:
         params: dict[str, Any] = {
             "nlist": self.nlist,
             "nprobe": self.nprobe,
+            "target_recall": self.target_recall,
+            "tune_k": self.tune_k,
             "hnsw_m": self.hnsw_m,
             "ef_search": self.ef_search,
             "ef_construction": self.ef_construction,
@@ -374,6 +536,8 @@ class DenseIndex:
             params["effective_nlist"] = self._effective_nlist_value
         if self._effective_pq_bits_value is not None:
             params["effective_pq_bits"] = self._effective_pq_bits_value
+        if self.tuned is not None:
+            params["tuned_nprobe"] = dict(self.tuned)
         return params
 
     @staticmethod
@@ -405,14 +569,18 @@ class DenseIndex:
             # a version published without a FAISS file (index.placement=ranks: the ranks index their slices):
             # build the index from its stored vectors, chunk by chunk from the memory map
             vectors = np.load(directory / meta["vectors_file"], mmap_mode="r")
-            keys = ("nlist", "nprobe", "hnsw_m", "pq_m", "pq_bits", "train_size")
-            return cls.build_chunked([vectors], meta["kind"], use_gpu=use_gpu,
-                                     **{k: int(params[k]) for k in keys if k in params})
+            keys = ("nlist", "nprobe", "hnsw_m", "pq_m", "pq_bits", "train_size", "tune_k")
+            kw = {k: params[k] if params[k] == AUTO else int(params[k]) for k in keys if k in params}
+            if "target_recall" in params:
+                kw["target_recall"] = float(params["target_recall"])
+            return cls.build_chunked([vectors], meta["kind"], use_gpu=use_gpu, **kw)
         obj = cls(
             int(meta["dim"]),
             meta["kind"],
-            nlist=int(params.get("nlist", 1024)),
-            nprobe=int(params.get("nprobe", 32)),
+            nlist=_auto_or_int(params.get("nlist", 1024), "nlist"),
+            nprobe=_auto_or_int(params.get("nprobe", 32), "nprobe"),
+            target_recall=float(params.get("target_recall", 0.9)),
+            tune_k=int(params.get("tune_k", 10)),
             hnsw_m=int(params.get("hnsw_m", 32)),
             ef_search=int(params.get("ef_search", 128)),
             ef_construction=int(params.get("ef_construction", 64)),
@@ -429,7 +597,14 @@ class DenseIndex:
         if obj.kind in _IVF_KINDS:
             ivf = faiss.extract_index_ivf(index)
             obj._effective_nlist_value = int(ivf.nlist)
-            ivf.nprobe = min(obj.nprobe, int(ivf.nlist))
+            if obj.nprobe == AUTO:
+                if "tuned_nprobe" not in params:
+                    raise ValueError(f"DenseIndex.load: {directory / META_FILE} says nprobe=auto but records no "
+                                     "tuned value")
+                obj.tuned = dict(params["tuned_nprobe"])
+                ivf.nprobe = int(obj.tuned["nprobe"])
+            else:
+                ivf.nprobe = min(obj.nprobe, int(ivf.nlist))
             if obj.kind == "ivfpq":
                 obj._effective_pq_bits_value = int(faiss.downcast_index(ivf).pq.nbits)
         elif obj.kind == "hnsw":

@@ -675,7 +675,9 @@ class Trainer:
 
     def _index_kw(self) -> dict:
         ic = self.cfg.index
-        return dict(kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, hnsw_m=ic.hnsw_m, pq_m=ic.pq_m,
+        tune_k = max(self.cfg.rag.n_docs, self.cfg.rag.rerank_top)
+        return dict(kind=ic.kind, nlist=ic.nlist, nprobe=ic.nprobe, target_recall=ic.target_recall, tune_k=tune_k,
+                    hnsw_m=ic.hnsw_m, pq_m=ic.pq_m,
                     pq_bits=ic.pq_bits, train_size=ic.train_size, use_gpu=ic.use_gpu, gpu_fp16=ic.gpu_fp16)
 
     def _slice_index_kw(self) -> tuple[str, dict]:
