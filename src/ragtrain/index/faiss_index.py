@@ -12,10 +12,10 @@
 * ``"hnsw"``  -- ``IndexHNSWFlat(dim, M, METRIC_INNER_PRODUCT)`` inside ``IndexIDMap2``.
 
 ``nlist="auto"`` picks the list count from ``N`` (:func:`auto_nlist`); ``nprobe="auto"`` tunes it once the index
-holds every vector (:meth:`DenseIndex.tune_nprobe`): the smallest probe count whose top-``tune_k`` neighbours of a
-seeded sample of the indexed vectors (each query's own id left out) agree with probing every list on at least
-``target_recall`` of them.  The chosen value and the recall measured are stored with the index (``meta.json``), so
-a loaded or resumed index searches exactly as it did when built.
+holds every vector (:meth:`DenseIndex.tune_nprobe`): the smallest probe count that finds at least ``target_recall``
+of the exact top-``tune_k`` neighbours of a seeded sample of the indexed vectors (each query's own id left out).
+The chosen value and the recall measured are stored with the index (``meta.json``), so a loaded or resumed index
+searches exactly as it did when built.
 
 IVF and IVF-PQ are trained on at most ``train_size`` vectors: all of them when ``N <= train_size``, else a
 seeded random sample (:meth:`DenseIndex.train`, or the first batch given to :meth:`DenseIndex.add`);
@@ -198,7 +198,7 @@ class DenseIndex:
         self.nprobe = _auto_or_int(nprobe, "nprobe")  # requested; "auto": tuned once every vector is added
         self.target_recall = float(target_recall)
         self.tune_k = int(tune_k)
-        self.tuned: dict[str, Any] | None = None  # nprobe="auto": {"nprobe", "recall", "queries", "k"}
+        self.tuned: dict[str, Any] | None = None  # nprobe="auto": see tune_nprobe
         self.hnsw_m = int(hnsw_m)
         self.ef_search = int(ef_search)
         self.ef_construction = int(ef_construction)
