@@ -353,8 +353,8 @@ class DenseIndex:
         ``target_recall`` of the ``queries``' true top-``tune_k`` neighbours are found (the search is monotone in
         ``nprobe``, so the grid is bisected).  The truth is ``exact_ids`` (exact search, best first) or, without
         it, the index's own exhaustive probe of every list.  Where even probing every list falls short of the
-        target (product quantisation's error), the target becomes what probing every list achieves, and a
-        warning says so.  ``query_ids``: the queries' own ids when they are indexed vectors; each is left out of
+        target (product quantisation's error), a warning says so; in general the target is ``target_recall`` times
+        what probing every list finds (1 for ivf), so that ``nprobe`` answers for the lists' loss only.  ``query_ids``: the queries' own ids when they are indexed vectors; each is left out of
         every list.  Returns (and stores in ``self.tuned``, saved with the index)
         ``{"nprobe", "recall", "queries", "k", "recall_all_lists"}``."""
         if self.kind not in _IVF_KINDS or self._index is None:
@@ -386,11 +386,12 @@ class DenseIndex:
 
         grid = _probe_grid(nlist)
         measured = {nlist: recall(nlist)}
-        target = min(self.target_recall, measured[nlist])
+        target = self.target_recall * measured[nlist]  # nprobe controls the lists' loss, not the codes'
         if measured[nlist] < self.target_recall:
             logger.warning("DenseIndex: nprobe=auto: even probing all %d lists finds only %.3f of the exact top-%d "
-                           "(target %.2f; the %s codes lose it): tuning to that instead", nlist, measured[nlist], k,
-                           self.target_recall, self.kind)
+                           "(target %.2f; the %s codes lose the rest: raise pq_m / pq_bits or use ivf, hnsw, flat); "
+                           "tuning nprobe to %.2f x that", nlist, measured[nlist], k, self.target_recall, self.kind,
+                           self.target_recall)
         lo, hi = 0, len(grid) - 1  # grid[hi] (= nlist) meets the target
         while lo < hi:
             mid = (lo + hi) // 2
