@@ -565,14 +565,18 @@ def write_markdown(res: dict, path: Path) -> None:
                          x["step_retrieval_ms"]])
     L += [md_table(["passages", "kind", "nlist", "nprobe", "recall@10", "build CPU s", "bytes/vector",
                     f"search ms ({results[0]['index']['flat']['search_queries']} queries, top-10)",
-                    f"step retrieval ms ({STEP_BATCH} q x {STEP_DOCS} docs)"], rows), "",
-          f"recall@10 = the share of the exact (flat) top-10 that the index returns for the benchmark's queries (KB "
-          f"vectors plus Gaussian noise of norm ~0.1). Every index kind indexes the encoder's vectors centred and "
-          f"L2-normalised: raw, the untrained tiny encoder's vectors are nearly collinear (cosine 0.999999 to their "
-          f"mean direction), so their neighbours would be float-rounding ties. ivf-auto / ivfpq-auto: `index.nlist=auto` (4 x sqrt(N), a "
-          f"power of two) and `index.nprobe=auto`, tuned at build time to find {TARGET_RECALL} of the exact "
-          f"top-{RECALL_K} of 256 KB vectors (their own id left out); the others use the fixed `--nlist` / "
-          "`--nprobe`.", ""]
+                    f"step retrieval ms ({STEP_BATCH} q x {STEP_DOCS} docs)"], rows), ""]
+    if "recall_at_10" not in results[0]["index"]["flat"]:
+        L += ["This run predates the recall column: its indexes held the tiny encoder's raw vectors (nearly "
+              "collinear, so neighbours were rounding ties) and no recall was measured.", ""]
+    else:
+        L += [f"recall@10 = the share of the exact (flat) top-10 that the index returns for the benchmark's queries "
+              f"(KB vectors plus Gaussian noise of norm ~0.1). Every index kind indexes the encoder's vectors centred "
+              f"and L2-normalised: raw, the untrained tiny encoder's vectors are nearly collinear (cosine 0.999999 to "
+              f"their mean direction), so their neighbours would be float-rounding ties. ivf-auto / ivfpq-auto: "
+              f"`index.nlist=auto` (4 x sqrt(N), a power of two) and `index.nprobe=auto`, tuned at build time to "
+              f"find {TARGET_RECALL} of the exact top-{RECALL_K} of 256 KB vectors (their own id left out); the "
+              "others use the fixed `--nlist` / `--nprobe`.", ""]
     if len(results) > 1:
         for a, b in zip(results[:-1], results[1:]):
             L += [f"Per-step retrieval overhead ratio {b['passages']:,} / {a['passages']:,} passages: " + ", ".join(
