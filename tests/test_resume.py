@@ -263,3 +263,34 @@ def test_index_on_the_ranks_crash_and_resume_equals_the_uninterrupted_run(straig
     monkeypatch.setattr(Trainer, name, original)
     Trainer(load_config(None, tiny_overrides(out, **cfg, resume="true"))).train()
     _assert_same_run(out, straight)
+
+
+@pytest.mark.parametrize("name,at", [("_install", 3), ("_passages", 3)])
+def test_ivf_with_a_tuned_nprobe_crash_and_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, name, at):
+    """index.kind=ivf with nlist/nprobe=auto: every refresh tunes nprobe; a run that crashes right after publishing
+    v3 (step 4) or mid-step 3 and resumes searches with the versions' tuned values and equals the uninterrupted
+    run."""
+    from ragtrain.config import load_config
+
+    cfg = {**COMMON, "index.kind": "ivf", "index.target_recall": 0.5}
+    straight_out = tmp_path / "straight"
+    Trainer(load_config(None, tiny_overrides(straight_out, **cfg))).train()
+    meta = json.loads(next((straight_out / "index").glob("v*/meta.json")).read_text())
+    assert meta["params"]["tuned_nprobe"]["nprobe"] < meta["params"]["effective_nlist"]  # a real approximation
+
+    original = getattr(Trainer, name)
+    calls = {"n": 0}
+
+    def breaking(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise Crash(name)
+        return original(self, *a, **kw)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(Trainer, name, breaking)
+    with pytest.raises(Crash):
+        Trainer(load_config(None, tiny_overrides(out, **cfg))).train()
+    monkeypatch.setattr(Trainer, name, original)
+    Trainer(load_config(None, tiny_overrides(out, **cfg, resume="true"))).train()
+    _assert_same_run(out, straight_out)
