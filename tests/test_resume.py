@@ -70,30 +70,35 @@ MOMENTS = {
 }
 
 
-@pytest.mark.parametrize("moment", list(MOMENTS))
-def test_crash_and_resume_equals_the_uninterrupted_run(straight, tmp_path, monkeypatch, moment):
+def _crash_and_resume(out, cfg: dict, monkeypatch, name: str, at: int, when: str = "before") -> None:
+    """Train with ``cfg`` into ``out`` until the ``at``-th call of ``Trainer.<name>`` raises (before or after the
+    real call), then resume the run to its end."""
     from ragtrain.config import load_config
 
-    name, at, when = MOMENTS[moment]
     original = getattr(Trainer, name)
     calls = {"n": 0}
 
     def breaking(self, *a, **kw):
         calls["n"] += 1
         if calls["n"] == at and when == "before":
-            raise Crash(moment)
-        out = original(self, *a, **kw)
+            raise Crash(name)
+        result = original(self, *a, **kw)
         if calls["n"] == at and when == "after":
-            raise Crash(moment)
-        return out
+            raise Crash(name)
+        return result
 
-    out = tmp_path / "run"
     monkeypatch.setattr(Trainer, name, breaking)
     with pytest.raises(Crash):
-        Trainer(load_config(None, tiny_overrides(out, **COMMON))).train()
+        Trainer(load_config(None, tiny_overrides(out, **cfg))).train()
     monkeypatch.setattr(Trainer, name, original)
-    Trainer(load_config(None, tiny_overrides(out, **COMMON, resume="true"))).train()
-    _assert_same_run(out, straight)
+    Trainer(load_config(None, tiny_overrides(out, **cfg, resume="true"))).train()
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_crash_and_resume_equals_the_uninterrupted_run(straight, tmp_path, monkeypatch, moment):
+    name, at, when = MOMENTS[moment]
+    _crash_and_resume(tmp_path / "run", COMMON, monkeypatch, name, at, when)
+    _assert_same_run(tmp_path / "run", straight)
 
 
 KILLER = r'''
@@ -244,25 +249,8 @@ def test_index_on_the_ranks_crash_and_resume_equals_the_uninterrupted_run(straig
     """index.placement=ranks keeps no index file: a resumed run re-indexes its slice of the checkpoint's version
     (crash right after publishing v3 at step 4, before the slice is installed; and mid-step 3) and continues
     exactly as the uninterrupted run with the rank-0 index."""
-    from ragtrain.config import load_config
-
-    original = getattr(Trainer, name)
-    calls = {"n": 0}
-
-    def breaking(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == at:
-            raise Crash(name)
-        return original(self, *a, **kw)
-
-    out = tmp_path / "run"
-    cfg = {**COMMON, "index.placement": "ranks"}
-    monkeypatch.setattr(Trainer, name, breaking)
-    with pytest.raises(Crash):
-        Trainer(load_config(None, tiny_overrides(out, **cfg))).train()
-    monkeypatch.setattr(Trainer, name, original)
-    Trainer(load_config(None, tiny_overrides(out, **cfg, resume="true"))).train()
-    _assert_same_run(out, straight)
+    _crash_and_resume(tmp_path / "run", {**COMMON, "index.placement": "ranks"}, monkeypatch, name, at)
+    _assert_same_run(tmp_path / "run", straight)
 
 
 @pytest.mark.parametrize("name,at", [("_install", 3), ("_passages", 3)])
@@ -277,20 +265,5 @@ def test_ivf_with_a_tuned_nprobe_crash_and_resume_equals_the_uninterrupted_run(t
     Trainer(load_config(None, tiny_overrides(straight_out, **cfg))).train()
     meta = json.loads(next((straight_out / "index").glob("v*/meta.json")).read_text())
     assert meta["params"]["tuned_nprobe"]["nprobe"] < meta["params"]["effective_nlist"]  # a real approximation
-
-    original = getattr(Trainer, name)
-    calls = {"n": 0}
-
-    def breaking(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == at:
-            raise Crash(name)
-        return original(self, *a, **kw)
-
-    out = tmp_path / "run"
-    monkeypatch.setattr(Trainer, name, breaking)
-    with pytest.raises(Crash):
-        Trainer(load_config(None, tiny_overrides(out, **cfg))).train()
-    monkeypatch.setattr(Trainer, name, original)
-    Trainer(load_config(None, tiny_overrides(out, **cfg, resume="true"))).train()
-    _assert_same_run(out, straight_out)
+    _crash_and_resume(tmp_path / "run", cfg, monkeypatch, name, at)
+    _assert_same_run(tmp_path / "run", straight_out)
