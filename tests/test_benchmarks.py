@@ -109,6 +109,31 @@ def test_quality_goal_verdicts():
     assert [g["status"] for g in squad] == ["not measured", "met"]
 
 
+def test_quality_rerank_cost_goal_is_judged_without_the_end_of_run_encode():
+    """KB of 1,000: the full-refresh arm refreshed 6 times (5 in the loop + the end-of-run one, 100 s each), the
+    re-rank arm re-encoded 1,000 passages a-piece in the loop and once at the end."""
+    def res(rerank_passages, rerank_seconds, refreshes=6):
+        return {"dataset": "covid", "comparisons": [], "arms": {
+            "rag-end2end": {"kb_passages": 1000, "refresh_passages": refreshes * 1000,
+                            "refresh_seconds": refreshes * 100.0, "rerank_passages": 0, "rerank_seconds": 0.0},
+            "rag-end2end-rerank": {"kb_passages": 1000, "refresh_passages": 1000, "refresh_seconds": 100.0,
+                                   "rerank_passages": rerank_passages, "rerank_seconds": rerank_seconds}}}
+
+    def verdict(r):
+        return next(g for g in quality.goals(r) if "encoding cost" in g["goal"])
+
+    cost = quality.rerank_cost(res(1250, 125.0))
+    assert cost["ratio_passages_in_loop"] == pytest.approx(1250 / 5000)
+    assert cost["ratio_seconds_in_loop"] == pytest.approx(125 / 500)
+    assert cost["ratio_passages"] == pytest.approx(2250 / 6000)  # whole run: above 0.25, not the verdict
+    g = verdict(res(1250, 125.0))
+    assert g["status"] == "met" and "0.25x in passages" in g["figures"] and "0.38x" in g["figures"]
+    assert verdict(res(1251, 125.0))["status"] == "not met"
+    assert verdict(res(1250, 126.0))["status"] == "not met"  # seconds count too
+    # the full-refresh arm refreshed only at the end: nothing in the loop to compare
+    assert verdict(res(0, 0.0, refreshes=1))["status"] == "not measured"
+
+
 def test_quality_arm_selection_and_bad_arm():
     with pytest.raises(ValueError, match="unknown arm"):
         quality.arm_keys("rag-magic", 0)
