@@ -11,8 +11,10 @@ import torch
 from conftest import tiny_overrides
 from ragtrain.train.trainer import Trainer
 
+# two encoding processes: each encodes half of the KB into its own memory-mapped shard
 ASYNC = {"rag.mode": "end2end", "index.refresh_every": 3, "index.refresh_mode": "async", "index.async_lag": 2,
-         "train.max_steps": 6, "train.context_encoder_lr": 5e-2, "model.dropout": 0.1, "train.save_every": 4}
+         "index.async_devices": "[cpu, cpu]", "train.max_steps": 6, "train.context_encoder_lr": 5e-2,
+         "model.dropout": 0.1, "train.save_every": 4}
 
 
 def _rows(out, name):
@@ -60,8 +62,45 @@ def test_the_index_is_swapped_in_after_the_lag_with_the_snapshots_vectors(async_
     np.testing.assert_allclose(np.asarray(v2), tr.encode_kb(), atol=1e-5)
     enc.load_state_dict(live)
     assert not np.allclose(np.asarray(v2), np.asarray(tr.store.load_version(3)[1]), atol=1e-4)  # it did move
-    # snapshots are kept only while a checkpoint needs them (the step-4 one was saved while step 3's was in flight)
-    assert sorted(p.name for p in (tr.out / "refresh").iterdir()) == ["step_00000003", "step_00000006"]
+    # snapshots are kept only while a checkpoint needs them (the step-4 one was saved while step 3's was in flight);
+    # the workers' token ids are kept for every refresh
+    assert sorted(p.name for p in (tr.out / "refresh").iterdir()) == ["step_00000003", "step_00000006", "tokens"]
+    n = len(tr.kb)
+    assert sorted(p.name for p in (tr.out / "refresh" / "tokens").iterdir()) == sorted(
+        [f"rows_0_{n // 2}", f"rows_{n // 2}_{n}"])
+
+
+def test_two_workers_encode_a_slice_each_and_tokenize_only_once(async_run):
+    tr, _ = async_run
+    first, second = tr.async_timings
+    n = len(tr.kb)
+    for t in (first, second):
+        assert t["workers"] == 2 and t["started"] == 2
+        assert [w["rows"] for w in t["per_worker"]] == [[0, n // 2], [n // 2, n]]
+    assert [w["tokens"] for w in first["per_worker"]] == ["tokenized", "tokenized"]
+    assert [w["tokens"] for w in second["per_worker"]] == ["cached", "cached"]
+
+
+def test_cached_token_ids_equal_the_tokenizers_and_are_refused_when_made_otherwise(async_run, tmp_path):
+    from ragtrain.data.kb_tokens import PassageTokens
+
+    tr, _ = async_run
+    rows = range(3, 11)
+    made = PassageTokens(tr.kb, rows, tr.collator.passage_ids, tr.collator.pad_passage_ids)
+    made.save(tmp_path / "t", {"max_length": 64})
+    back = PassageTokens.load(tmp_path / "t", rows, tr.collator.pad_passage_ids, {"max_length": 64})
+    assert [list(back.get(i)) for i in rows] == [list(made.get(i)) for i in rows]
+    assert [list(back.get(i)) for i in rows] == tr.collator.passage_ids(tr.kb[3:11]["title"], tr.kb[3:11]["text"])
+    assert PassageTokens.load(tmp_path / "t", rows, None, {"max_length": 32}) is None  # other settings
+    assert PassageTokens.load(tmp_path / "t", range(3, 12), None, {"max_length": 64}) is None  # other rows
+    assert PassageTokens.load(tmp_path / "none", rows, None, {"max_length": 64}) is None
+
+
+def test_worker_slices_are_contiguous_and_even():
+    from ragtrain.index.async_refresh import worker_slices
+
+    assert worker_slices(10, 3) == [range(0, 3), range(3, 6), range(6, 10)]
+    assert worker_slices(7, 1) == [range(0, 7)]
 
 
 def test_a_run_killed_while_a_refresh_is_in_flight_resumes_exactly(async_run, tmp_path, monkeypatch):
@@ -76,12 +115,18 @@ def test_a_run_killed_while_a_refresh_is_in_flight_resumes_exactly(async_run, tm
         raise Crash("killed right after the step-4 checkpoint, step 3's refresh in flight")
 
     monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_first_checkpoint)
+    crashed = Trainer(load_config(None, tiny_overrides(out, **ASYNC)))
     with pytest.raises(Crash):
-        Trainer(load_config(None, tiny_overrides(out, **ASYNC))).train()
+        crashed.train()
     monkeypatch.setattr(Trainer, "save_checkpoint", original)
     state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
     assert state["pending_refresh"]["swap_step"] == 5
-    Trainer(load_config(None, tiny_overrides(out, **ASYNC, resume="true"))).train()
+    # one worker finished its shard, the other was killed before renaming its shard into place
+    shards = crashed._job.results()
+    shards[1].unlink()
+    resumed = Trainer(load_config(None, tiny_overrides(out, **ASYNC, resume="true")))
+    resumed.train()
+    assert [(t["workers"], t["started"]) for t in resumed.async_timings] == [(2, 1), (2, 2)]  # only the missing one
     a, b = _rows(out, "train_log.jsonl"), _rows(straight, "train_log.jsonl")
     assert [(r["step"], r["index_version"]) for r in a] == [(r["step"], r["index_version"]) for r in b]
     np.testing.assert_array_equal([r["loss"] for r in a], [r["loss"] for r in b])
@@ -98,3 +143,17 @@ def test_async_keys_are_validated(tiny_cfg):
         tiny_cfg(**{"index.refresh_mode": "later"})
     with pytest.raises(ConfigError, match="index.async_lag"):
         tiny_cfg(**{"index.async_lag": 0})
+    with pytest.raises(ConfigError, match=r"index.async_devices\[1\]: 'gpu1' is not cpu, cuda or cuda:N"):
+        tiny_cfg(**{"index.async_devices": "[cpu, gpu1]"})
+    with pytest.raises(ConfigError, match="index.async_devices: must be a non-empty list"):
+        tiny_cfg(**{"index.async_devices": "[]"})
+
+
+def test_an_async_device_the_node_lacks_is_refused_before_anything_is_written(tiny_cfg, tmp_path):
+    from ragtrain.config import ConfigError
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cfg = tiny_cfg(**{"index.refresh_mode": "async", "index.refresh_every": 2, "index.async_devices": f"[cpu, cuda:{n}]"})
+    with pytest.raises(ConfigError, match=rf"index.async_devices\[1\]: cuda:{n}, but this node has {n} CUDA"):
+        Trainer(cfg)
+    assert not (tmp_path / "run").exists()

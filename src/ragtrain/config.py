@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -127,7 +128,10 @@ class IndexConfig:
     # there if the encode is not done: deterministic and exactly resumable)
     refresh_mode: str = "sync"
     async_lag: int = 5
-    async_threads: int = 1  # CPU threads of the encoding process
+    async_threads: int = 1  # CPU threads of each encoding process
+    # one encoding process per entry, each encoding a contiguous KB slice into its own memory-mapped shard:
+    # "cpu", or spare GPUs of rank 0's node ("cuda:7") as EMDR2 does
+    async_devices: list[str] = field(default_factory=lambda: ["cpu"])
     encode_batch_size: int = 64
     # ivf/ivfpq: "auto" = 4 x sqrt(N) lists (a power of two); nprobe "auto" = the fewest lists whose top-k agrees
     # with probing every list on >= target_recall of a sample of KB vectors' neighbours (tuned at every build)
@@ -452,6 +456,13 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     choice("index.refresh_mode", cfg.index.refresh_mode, ("sync", "async"))
     positive("index.async_lag", cfg.index.async_lag)
     positive("index.async_threads", cfg.index.async_threads)
+    devices = cfg.index.async_devices
+    if not isinstance(devices, list) or not devices:
+        raise ConfigError(f"index.async_devices: must be a non-empty list such as [cpu] or [cuda:6, cuda:7], "
+                          f"got {devices!r}")
+    for i, dev in enumerate(devices):
+        if not isinstance(dev, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
+            raise ConfigError(f"index.async_devices[{i}]: {dev!r} is not cpu, cuda or cuda:N")
     if any(not isinstance(x, str) or not x for x in cfg.eval.stop_strings):
         raise ConfigError(f"eval.stop_strings: must be a list of non-empty strings, got {cfg.eval.stop_strings!r}")
     if resolve_decoding(cfg.eval.decoding, cfg.rag.loss_type) == "token" and cfg.eval.num_beams > 1:
@@ -612,7 +623,9 @@ HELP: dict[str, str] = {
     "index.refresh_mode": "sync (training waits for the re-encode) | async (a separate process encodes a snapshot "
                           "while training continues; swapped in index.async_lag steps later)",
     "index.async_lag": "async refresh: steps between the snapshot and the swap (the run waits there if needed)",
-    "index.async_threads": "async refresh: CPU threads of the encoding process",
+    "index.async_threads": "async refresh: CPU threads of each encoding process",
+    "index.async_devices": "async refresh: one encoding process per entry (cpu, cuda, cuda:N: spare GPUs of rank 0's "
+                           "node), each writing its KB slice to a memory-mapped shard",
     "index.refresh_every": "re-encode the KB and rebuild the index: 0 never, N every N steps, or "
                            "\"0-1000:100,1000-:500\"",
     "index.encode_batch_size": "passages per KB-encoding batch",

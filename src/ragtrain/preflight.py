@@ -7,6 +7,7 @@
 * ``output_dir`` that is a file, lies under a file or is not writable; a previous run in it (without
   ``resume``/``overwrite``); ``resume=true`` whose checkpoint is unreadable, was made by another world size or
   mode, or uses an index version that is gone;
+* ``index.async_devices`` naming a GPU that rank 0's node lacks;
 * DeepSpeed JSON that is not valid JSON (file, line and column) or not an object, or DeepSpeed not installed;
 * model folders without a loadable ``config.json``, without weights (or with unreadable safetensors headers),
   without tokenizer files, or of the wrong kind for their role (an encoder-only model as the generator, an
@@ -42,7 +43,24 @@ def check_run(cfg: Config) -> None:
     check_model_options(cfg)
     check_resume(cfg)
     if os.environ.get("RANK", "0") == "0":
+        check_async_devices(cfg)
         check_data(cfg)
+
+
+def check_async_devices(cfg: Config) -> None:
+    """``index.async_devices`` naming a GPU that rank 0's node does not have (the encoding processes run there)."""
+    if cfg.index.refresh_mode != "async":
+        return
+    gpus = None
+    for i, dev in enumerate(cfg.index.async_devices):
+        if dev.startswith("cuda"):
+            if gpus is None:
+                import torch
+
+                gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            want = int(dev.split(":")[1]) if ":" in dev else 0
+            if want >= gpus:
+                raise ConfigError(f"index.async_devices[{i}]: {dev}, but this node has {gpus} CUDA device(s)")
 
 
 # ------------------------------------------------------------------------------------------------ output_dir

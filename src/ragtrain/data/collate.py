@@ -42,6 +42,13 @@ def passage_ids(tokenizer, titles: Sequence[str], texts: Sequence[str], max_leng
     return tokenizer(strings, truncation=True, max_length=max_length).input_ids if strings else []
 
 
+def pad_passage_ids(tokenizer, rows: Sequence[Sequence[int]]) -> dict:
+    """Context-encoder batch ``{"input_ids", "attention_mask"}`` from unpadded id rows, padded on the tokenizer's
+    side with its pad id (what the trainer and the async-refresh encoder both feed the context encoder)."""
+    ids, mask = _pad(rows, tokenizer.pad_token_id or 0, left=tokenizer.padding_side == "left")
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     width = max((len(r) for r in rows), default=0) or 1
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -107,9 +114,7 @@ class RagCollator:
 
     def pad_passage_ids(self, rows: Sequence[Sequence[int]]) -> dict:
         """Context-encoder batch from unpadded id rows (:meth:`passage_ids`, or the KB token cache)."""
-        ids, mask = _pad(rows, self.c_tok.pad_token_id or 0,
-                         left=self.c_tok.padding_side == "left")
-        return {"input_ids": ids, "attention_mask": mask}
+        return pad_passage_ids(self.c_tok, rows)
 
     def passages(self, passages: Sequence[Passage]) -> dict:
         return self.pad_passage_ids(self.passage_ids([t for t, _ in passages], [x for _, x in passages]))

@@ -10,6 +10,10 @@ step's live re-encoding of retrieved passages reads its ids from here too (:meth
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -39,6 +43,37 @@ class PassageTokens:
         self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(self.lengths, out=self.offsets[1:])
         self.flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+    def save(self, directory: Path, meta: dict) -> None:
+        """Write the ids (``flat.npy``, ``offsets.npy``) and ``meta`` (what they were made from: compared by
+        :meth:`load`) to ``directory``, atomically (a temporary folder renamed into place)."""
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "flat.npy", self.flat)
+        np.save(tmp / "offsets.npy", self.offsets)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "rows": [self.rows.start, self.rows.stop]}))
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+
+    @classmethod
+    def load(cls, directory: Path, rows: range, pad: PadFn, meta: dict) -> PassageTokens | None:
+        """The ids :meth:`save` wrote for ``rows`` (memory-mapped: only the pages a batch reads come into RAM),
+        or None when ``directory`` holds none or holds ids made from anything else than ``meta``."""
+        directory = Path(directory)
+        try:
+            saved = json.loads((directory / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if saved != {**meta, "rows": [rows.start, rows.stop]}:
+            return None
+        obj = cls.__new__(cls)
+        obj.rows, obj.pad = rows, pad
+        obj.flat = np.load(directory / "flat.npy", mmap_mode="r")
+        obj.offsets = np.load(directory / "offsets.npy")
+        obj.lengths = np.diff(obj.offsets)
+        return obj
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -37,7 +37,7 @@ from ragtrain.data.kb import build_kb, load_kb, source_fingerprint, sweep_stale_
 from ragtrain.data.kb_tokens import PassageTokens
 from ragtrain.data.qa import load_qa
 from ragtrain.eval.evaluate import predict, summarize
-from ragtrain.index.async_refresh import EncodeJob, write_snapshot
+from ragtrain.index.async_refresh import TOKENS_DIR, AsyncEncode, write_snapshot
 from ragtrain.index.faiss_index import DenseIndex, drop_pages
 from ragtrain.index.refresh import EMBEDDINGS_FILE, IndexStore, RefreshSchedule
 from ragtrain.index.sharded import SliceIndex, merge_topk
@@ -248,7 +248,7 @@ class Trainer:
         self.async_wait_seconds = 0.0  # async refresh: time training waited for the encode at swap steps
         self.async_timings: list[dict] = []  # rank 0: per async refresh, the child's start-up/encode and the wait
         self._pending = None  # async refresh in flight: {"start_step", "swap_step", "snapshot"}
-        self._job = None  # rank 0: its EncodeJob
+        self._job = None  # rank 0: its AsyncEncode (the worker processes)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -590,27 +590,31 @@ class Trainer:
                                max_length=self.cfg.model.max_passage_length,
                                mixed_precision=self.accelerator.mixed_precision, step=self.step)
         if self.is_main:
-            self._job = EncodeJob(snap, self.kb_dir, threads=ic.async_threads, batch_size=ic.encode_batch_size)
+            self._job = self._async_encode(snap)
         self._pending = {"start_step": self.step, "swap_step": self.step + ic.async_lag, "snapshot": str(snap)}
-        log.info("async refresh: encoding the KB with the context encoder of step %d in a separate process; "
-                 "its index is swapped in at step %d", self.step, self._pending["swap_step"])
+        log.info("async refresh: encoding the KB with the context encoder of step %d in %d separate process(es) "
+                 "(%s); its index is swapped in at step %d", self.step, len(ic.async_devices),
+                 ", ".join(ic.async_devices), self._pending["swap_step"])
         D.barrier()
+
+    def _async_encode(self, snapshot: Path) -> AsyncEncode:
+        ic = self.cfg.index
+        return AsyncEncode(snapshot, self.kb_dir, len(self.kb), ic.async_devices, threads=ic.async_threads,
+                           batch_size=ic.encode_batch_size, dtype=ic.embedding_dtype,
+                           tokens_root=self.out / "refresh" / TOKENS_DIR)
 
     def _finish_async_refresh(self) -> None:
         """Wait for the pending encode (if not done yet), build and publish its index and install it."""
         pending, t0 = self._pending, time.time()
         if self.is_main:
-            if self._job is None:  # resumed: encode again from the snapshot the checkpoint recorded
-                self._job = EncodeJob(Path(pending["snapshot"]), self.kb_dir, threads=self.cfg.index.async_threads,
-                                      batch_size=self.cfg.index.encode_batch_size)
+            if self._job is None:  # resumed: encode the slices still missing from the recorded snapshot
+                self._job = self._async_encode(Path(pending["snapshot"]))
             waited = not self._job.done()
-            result = self._job.result()  # the child's vectors, on disk (never read whole into RAM here)
+            shards = self._job.results()  # the workers' vectors, memory-mapped shards on disk
             wait_s = time.time() - t0
-            timing = result.parent / "encode_timing.json"
             self.async_timings.append({"start_step": pending["start_step"], "swap_step": self.step,
-                                       "wait_s": round(wait_s, 3),
-                                       **(json.loads(timing.read_text()) if timing.is_file() else {})})
-            version = self._publish_shards([result], step=pending["start_step"])
+                                       "wait_s": round(wait_s, 3), **self._job.timing()})
+            version = self._publish_shards(shards, step=pending["start_step"])
             log.info("async refresh: index v%d (context encoder of step %d) swapped in at step %d; training %s "
                      "%.1fs for the encode", version, pending["start_step"], self.step,
                      "waited" if waited else "did not wait; build took", wait_s)
@@ -637,7 +641,7 @@ class Trainer:
         if self._pending:
             keep.add(Path(self._pending["snapshot"]).name)
         for p in (self.out / "refresh").iterdir():
-            if p.name not in keep:
+            if p.name not in keep and p.name != TOKENS_DIR:  # the workers' token ids serve every refresh
                 shutil.rmtree(p, ignore_errors=True)
 
     def refresh_index(self) -> None:
