@@ -127,6 +127,10 @@ def test_a_run_killed_while_a_refresh_is_in_flight_resumes_exactly(async_run, tm
     resumed = Trainer(load_config(None, tiny_overrides(out, **ASYNC, resume="true")))
     resumed.train()
     assert [(t["workers"], t["started"]) for t in resumed.async_timings] == [(2, 1), (2, 2)]  # only the missing one
+    _assert_same_run(out, straight)
+
+
+def _assert_same_run(out, straight):
     a, b = _rows(out, "train_log.jsonl"), _rows(straight, "train_log.jsonl")
     assert [(r["step"], r["index_version"]) for r in a] == [(r["step"], r["index_version"]) for r in b]
     np.testing.assert_array_equal([r["loss"] for r in a], [r["loss"] for r in b])
@@ -134,6 +138,30 @@ def test_a_run_killed_while_a_refresh_is_in_flight_resumes_exactly(async_run, tm
     for v in (2, 3):
         np.testing.assert_array_equal(np.load(out / "index" / f"v{v:06d}" / "embeddings.npy"),
                                       np.load(straight / "index" / f"v{v:06d}" / "embeddings.npy"))
+
+
+@pytest.mark.parametrize("name,at", [("_finish_async_refresh", 1), ("_start_async_refresh", 2)])
+def test_sigkill_and_resume_equals_the_uninterrupted_run(async_run, tmp_path, name, at):
+    """A real kill -9 of the training process (its encoding workers live on, orphaned): at step 5's swap, step
+    3's refresh in flight, and as step 6 starts the next refresh; resumed from the step-4 checkpoint with train.py."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_resume import KILLER, ROOT
+
+    out = tmp_path / "run"
+    script = KILLER.format(root=str(ROOT / "src"), tests=str(ROOT / "tests"), name=name, at=at, out=str(out),
+                           common=ASYNC)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the straight run's reduction order
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(out, **ASYNC, resume="true")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(out, async_run[0].out)
 
 
 def test_async_keys_are_validated(tiny_cfg):
