@@ -76,14 +76,6 @@ def _auto_or_int(value: Any, what: str) -> int | str:
     return out
 
 
-def _probe_grid(nlist: int) -> list[int]:
-    """1, 2, 3, 4, 6, 8, 12, ... (steps of x1.5 / x1.33) up to and including ``nlist``."""
-    grid, a = [], 1
-    while a < nlist:
-        grid += [a] if a < 2 else [a, a + a // 2]
-        a *= 2
-    return sorted({g for g in grid if g < nlist} | {nlist})
-
 _warned_no_gpu = False
 
 
@@ -349,9 +341,9 @@ class DenseIndex:
 
     def tune_nprobe(self, queries: np.ndarray, query_ids: np.ndarray | None = None,
                     exact_ids: np.ndarray | None = None) -> dict[str, Any]:
-        """Set ``nprobe`` to the smallest value on a x1.5 grid (1, 2, 3, 4, 6, 8, 12, ...) at which at least
-        ``target_recall`` of the ``queries``' true top-``tune_k`` neighbours are found (the search is monotone in
-        ``nprobe``, so the grid is bisected).  The truth is ``exact_ids`` (exact search, best first) or, without
+        """Set ``nprobe`` to the fewest lists with which at least ``target_recall`` of the ``queries``' true
+        top-``tune_k`` neighbours are found (recall grows with ``nprobe``, so 1..nlist is bisected: about log2(nlist)
+        searches of the sample).  The truth is ``exact_ids`` (exact search, best first) or, without
         it, the index's own exhaustive probe of every list.  Where even probing every list falls short of the
         target (product quantisation's error), a warning says so; in general the target is ``target_recall`` times
         what probing every list finds (1 for ivf), so that ``nprobe`` answers for the lists' loss only.  ``query_ids``: the queries' own ids when they are indexed vectors; each is left out of
@@ -384,7 +376,7 @@ class DenseIndex:
         def recall(nprobe: int) -> float:
             return sum(len(a & t) for a, t in zip(top(nprobe), truth)) / denom
 
-        grid = _probe_grid(nlist)
+        grid = range(1, nlist + 1)
         measured = {nlist: recall(nlist)}
         target = self.target_recall * measured[nlist]  # nprobe controls the lists' loss, not the codes'
         if measured[nlist] < self.target_recall:
