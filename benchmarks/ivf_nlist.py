@@ -14,11 +14,13 @@ Policies: ``auto`` (ragtrain's ``nlist=auto``: 4 x sqrt(N), a power of two, clip
 ``n256`` (N / 256 lists: list length constant) and ``n64`` (N / 64).  The fixed-length policies train on
 ``min(N, 64 x nlist)`` vectors.
 
-Vectors: the tiny encoder's raw outputs that ``scale.py --work-dir W`` keeps (``W/vec/n<N>/emb.npy``), centred and
-L2-normalised as ``scale.py`` indexes them; each size is the first N of them (synthetic passages, i.i.d.).
+Vectors: the tiny encoder's raw outputs that ``scale.py --keep-vectors DIR`` keeps (``DIR/n<N>.npy``), centred and
+L2-normalised as ``scale.py`` indexes them; each size is the first N of them (synthetic passages, i.i.d.; the
+synthetic corpus is prefix-stable, so the first 20k rows of the 1M run equal a 20k run's to float rounding).
 Queries: KB vectors plus noise (``scale.py``'s), recall@10 against exact search.
 
-    python benchmarks/ivf_nlist.py --vectors /tmp/scale/vec/n1000000/emb.npy   # ~25 min on one core
+    python benchmarks/scale.py --sizes 1000000 --index-only --keep-vectors /tmp/vec   # ~15 min on one core
+    python benchmarks/ivf_nlist.py --vectors /tmp/vec/n1000000.npy                   # ~5 min on one core
 
 Results: ``benchmarks/results/ivf-nlist-cpu/`` (``results.json``, ``results.md``, ``ivf_nlist.png``).
 """

@@ -170,6 +170,9 @@ def bench_size(n: int, args, work: Path) -> dict:
         w.close()
     res["refresh_encode"] = {"cpu_s": round(c.cpu, 2), "wall_s": round(c.wall, 2)}
     log.info("n=%d: encoded in %.1fs", n, c.wall)
+    if args.keep_vectors:  # the encoder's raw vectors, for benchmarks/ivf_nlist.py
+        Path(args.keep_vectors).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shard, Path(args.keep_vectors) / f"n{n}.npy")
     del tokens
 
     emb = centred_unit_vectors(np.load(shard, mmap_mode="r"), d / "vectors.npy")
@@ -669,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="a paragraph added to results.md")
     p.add_argument("--index-only", action="store_true", help="measure the stages up to the index kinds; skip "
                    "the refresh-RSS and BM25 stages")
+    p.add_argument("--keep-vectors", default=None, metavar="DIR",
+                   help="copy each size's raw encoder vectors to DIR/n<N>.npy (input of benchmarks/ivf_nlist.py)")
     p.add_argument("--report-only", action="store_true", help="rewrite results.md and scale.png from --out's "
                    "results.json without measuring")
     # internal: subprocess workers
