@@ -185,3 +185,16 @@ def test_an_async_device_the_node_lacks_is_refused_before_anything_is_written(ti
     with pytest.raises(ConfigError, match=rf"index.async_devices\[1\]: cuda:{n}, but this node has {n} CUDA"):
         Trainer(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_worker_raises_naming_its_log_and_the_other_is_stopped(tmp_path):
+    from ragtrain.index.async_refresh import AsyncEncode
+
+    snap = tmp_path / "refresh" / "step_00000003"
+    snap.mkdir(parents=True)  # no snapshot in it: both workers fail at start-up
+    job = AsyncEncode(snap, tmp_path / "kb", 10, ["cpu", "cpu"])
+    with pytest.raises(RuntimeError, match=r"async KB encode from .*step_00000003 into shard_00000.npy failed "
+                                           r"\(exit 1\); log .*shard_00000.log"):
+        job.results()
+    assert all(j.done() for j in job.jobs) and not any(p.exists() for p in job.shards)
+    assert "ragtrain_snapshot.json" in (snap / "shard_00000.log").read_text()  # the child's own error is kept
