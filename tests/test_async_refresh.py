@@ -81,7 +81,10 @@ def test_two_workers_encode_a_slice_each_and_tokenize_only_once(async_run):
     assert [w["tokens"] for w in second["per_worker"]] == ["cached", "cached"]
 
 
-def test_cached_token_ids_equal_the_tokenizers_and_are_refused_when_made_otherwise(async_run, tmp_path):
+def test_cached_token_ids_equal_the_tokenizers_and_are_refused_when_made_otherwise(async_run, tmp_path,
+                                                                                     monkeypatch):
+    import ragtrain.data.kb_tokens as kb_tokens
+    import ragtrain.index.faiss_index as faiss_index
     from ragtrain.data.kb_tokens import PassageTokens
 
     tr, _ = async_run
@@ -91,6 +94,14 @@ def test_cached_token_ids_equal_the_tokenizers_and_are_refused_when_made_otherwi
     back = PassageTokens.load(tmp_path / "t", rows, tr.collator.pad_passage_ids, {"max_length": 64})
     assert [list(back.get(i)) for i in rows] == [list(made.get(i)) for i in rows]
     assert [list(back.get(i)) for i in rows] == tr.collator.passage_ids(tr.kb[3:11]["title"], tr.kb[3:11]["text"])
+    # batches from the memory-mapped ids equal the in-RAM ones; the map's pages are released as they are read
+    dropped = []
+    monkeypatch.setattr(kb_tokens, "DROP_BYTES", 1)
+    monkeypatch.setattr(faiss_index, "drop_pages", lambda a: dropped.append(a))
+    for (p1, i1, m1), (p2, i2, m2) in zip(back.batches(3), made.batches(3), strict=True):
+        np.testing.assert_array_equal(p1, p2)
+        assert torch.equal(i1, i2) and torch.equal(m1, m2)
+    assert len(dropped) == 3 and all(a is back.flat for a in dropped)  # 8 rows in batches of 3
     assert PassageTokens.load(tmp_path / "t", rows, None, {"max_length": 32}) is None  # other settings
     assert PassageTokens.load(tmp_path / "t", range(3, 12), None, {"max_length": 64}) is None  # other rows
     assert PassageTokens.load(tmp_path / "none", rows, None, {"max_length": 64}) is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 Passage = tuple[str, str]  # (title, text)
@@ -57,7 +58,7 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tupl
         if not len(r):
             continue
         sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl] = torch.as_tensor(r, dtype=torch.long)
+        ids[i, sl] = torch.as_tensor(r if isinstance(r, list) else np.array(r, dtype=np.int64))  # (read-only maps)
         mask[i, sl] = 1
     return ids, mask
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 TokenizeFn = Callable[[list[str], list[str]], list[list[int]]]
 # unpadded id rows -> {"input_ids", "attention_mask"} (RagCollator.pad_passage_ids: the live re-encoding pads alike)
 PadFn = Callable[[list[np.ndarray]], dict]
+DROP_BYTES = 64 << 20  # memory-mapped ids: resident pages released every this many bytes read
 
 
 class PassageTokens:
@@ -96,6 +97,15 @@ class PassageTokens:
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
         """``(positions, input_ids, attention_mask)``, longest passages first (an out-of-memory shows at once)."""
         order = np.argsort(-self.lengths, kind="stable")
+        mapped = isinstance(self.flat, np.memmap)  # ids loaded from a cache: keep its pages from piling up in RSS
+        read = 0
         for i in range(0, len(order), batch_size):
             pos = order[i: i + batch_size]
             yield (pos, *self.padded(pos))
+            if mapped:
+                read += 4 * int(self.lengths[pos].sum())
+                if read >= DROP_BYTES:
+                    from ragtrain.index.faiss_index import drop_pages
+
+                    drop_pages(self.flat)
+                    read = 0
