@@ -36,16 +36,39 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATA
     os.environ.setdefault(_k, _v)
 
 
-def timed(cmd: list[str], log: Path, env: dict) -> dict:
-    """Run ``cmd`` under /usr/bin/time; its peak RSS (MB), wall and user seconds."""
+def timed(cmd: list[str], log: Path, env: dict, limit_mb: float | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time; its peak RSS (MB), wall and user seconds.  ``limit_mb``: stop it (and
+    record so) once its RSS passes that, instead of letting the kernel's OOM killer choose a victim; without a
+    limit a failure raises."""
+    import psutil
+
     stats = log.with_suffix(".time")
+    stopped = None
     with open(log, "w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M %e %U", "-o", str(stats), *cmd], stdout=f,
-                              stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "%M %e %U", "-o", str(stats), *cmd], stdout=f,
+                                stderr=subprocess.STDOUT, env=env)
+        t0 = time.time()
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if limit_mb is None:
+                continue
+            try:
+                kids = psutil.Process(proc.pid).children(recursive=True)
+                rss = sum(k.memory_info().rss for k in kids) / 2**20
+            except psutil.Error:
+                continue
+            if rss > limit_mb:
+                stopped = {"stopped_at_rss_mb": round(rss, 1), "stopped_after_s": round(time.time() - t0, 1)}
+                for k in kids:
+                    k.kill()
+                proc.wait()
+    if proc.returncode != 0 and stopped is None:
+        if limit_mb is None:
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+        stopped = {"exit": proc.returncode}
     kb, wall, user = stats.read_text().split()[-3:]
-    return {"peak_rss_mb": round(int(kb) / 1024, 1), "wall_s": float(wall), "user_s": float(user)}
+    return {"peak_rss_mb": round(int(kb) / 1024, 1), "wall_s": float(wall), "user_s": float(user),
+            **({"completed": False, **stopped} if stopped else {"completed": True})}
 
 
 def main(argv=None) -> int:
@@ -58,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--kb", default=None, help="an already built KB of --size synthetic passages (scale.py's)")
     p.add_argument("--compare-src", default=None, help="another source tree's src/ whose child to run too")
+    p.add_argument("--compare-limit-gb", type=float, default=16.0,
+                   help="stop the --compare-src process once its RSS passes this (recorded as not completed)")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "async-rss-cpu"))
     p.add_argument("--note", default="")
@@ -111,7 +136,8 @@ def main(argv=None) -> int:
         runs[name].update(tokens=timing["tokens"], tokenize_s=timing["tokenize_s"], encode_s=timing["encode_s"])
     if args.compare_src:
         old_env = {**env, "PYTHONPATH": str(Path(args.compare_src).resolve())}
-        runs["former child (--compare-src)"] = timed(child, work / "former.log", old_env)
+        runs["former child (--compare-src)"] = timed(child, work / "former.log", old_env,
+                                                     limit_mb=args.compare_limit_gb * 1024)
     matrix_mb = n * args.dim * 4 / 2**20
     base = runs["start-up"]["peak_rss_mb"]
     for r in runs.values():
@@ -127,9 +153,11 @@ def main(argv=None) -> int:
              *([f"", f"**Note:** {args.note}"] if args.note else []), "",
              f"KB: {n:,} synthetic passages; tiny encoder of width {args.dim}; the N x d float32 matrix the worker "
              f"writes: {matrix_mb:.0f} MB. Increase = peak RSS minus the start-up run's.", "",
-             md_table(["run", "peak RSS MB", "increase MB", "increase / matrix", "tokens", "wall s"],
+             md_table(["run", "peak RSS MB", "increase MB", "increase / matrix", "tokens", "wall s", "completed"],
                       [[k, r["peak_rss_mb"], r["increase_mb"], r["increase_over_matrix"], r.get("tokens", "–"),
-                        r["wall_s"]] for k, r in runs.items()]), ""]
+                        r["wall_s"], "yes" if r["completed"] else
+                        (f"no: stopped at {r['stopped_at_rss_mb']:.0f} MB after {r['stopped_after_s']:.0f} s"
+                         if "stopped_at_rss_mb" in r else f"no: exit {r['exit']}")] for k, r in runs.items()]), ""]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if not args.work_dir:
