@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ragtrain.index.refresh import IndexStore
 from ragtrain.index.shards import ShardWriter, index_and_publish, shard_paths
@@ -18,18 +19,19 @@ def _rss_file_mb() -> float:
     raise KeyError("RssFile")
 
 
-def test_shard_writer_writes_rows_in_any_order_and_releases_pages(tmp_path):
-    rows, dim = 32768, 512  # 64 MB of float32
+@pytest.mark.parametrize("rows,dim,bound", [(32768, 512, 24),  # 64 MB of float32, 2 KB rows
+                                            (262144, 16, 8)])  # 16 MB of 64-byte rows: each dirties a 4 KB page
+def test_shard_writer_writes_rows_in_any_order_and_releases_pages(tmp_path, rows, dim, bound):
     w = ShardWriter(tmp_path / "s.npy", rows, dim, drop_bytes=4 << 20)
     base = _rss_file_mb()
     order = np.random.default_rng(0).permutation(rows)
     high = 0.0
-    for lo in range(0, rows, 1024):
-        pos = order[lo: lo + 1024]
+    for lo in range(0, rows, 256):
+        pos = order[lo: lo + 256]
         w.write(pos, np.repeat(pos[:, None].astype(np.float32), dim, axis=1))
         high = max(high, _rss_file_mb() - base)
     assert w.close() == tmp_path / "s.npy"
-    assert high < 24, f"{high:.0f} MB of the 64 MB shard stayed resident while writing"
+    assert high < bound, f"{high:.0f} MB of the {rows * dim * 4 >> 20} MB shard stayed resident while writing"
     got = np.load(tmp_path / "s.npy", mmap_mode="r")
     assert got.shape == (rows, dim) and got.dtype == np.float32
     np.testing.assert_array_equal(got[:, 0], np.arange(rows, dtype=np.float32))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 TokenizeFn = Callable[[list[str], list[str]], list[list[int]]]
 # unpadded id rows -> {"input_ids", "attention_mask"} (RagCollator.pad_passage_ids: the live re-encoding pads alike)
 PadFn = Callable[[list[np.ndarray]], dict]
-DROP_BYTES = 64 << 20  # memory-mapped ids: resident pages released every this many bytes read
+DROP_BYTES = 64 << 20  # memory-mapped ids: resident pages released every this many bytes of pages touched
 
 
 class PassageTokens:
@@ -102,8 +102,8 @@ class PassageTokens:
         for i in range(0, len(order), batch_size):
             pos = order[i: i + batch_size]
             yield (pos, *self.padded(pos))
-            if mapped:
-                read += 4 * int(self.lengths[pos].sum())
+            if mapped:  # pages touched, not bytes: the rows are scattered over the file, each at least a page
+                read += int(np.maximum(4 * self.lengths[pos], 4096).sum())
                 if read >= DROP_BYTES:
                     from ragtrain.index.faiss_index import drop_pages
 

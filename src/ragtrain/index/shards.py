@@ -20,6 +20,7 @@ from ragtrain.index.faiss_index import DenseIndex, drop_pages
 from ragtrain.index.refresh import EMBEDDINGS_FILE, IndexStore
 
 __all__ = ["ShardWriter", "shard_path", "shard_paths", "index_and_publish"]
+PAGE = 4096  # bytes of memory a scattered row write or read makes resident, at least
 
 
 def shard_path(directory: Path, rank: int) -> Path:
@@ -33,7 +34,8 @@ def shard_paths(directory: Path, world: int) -> list[Path]:
 
 class ShardWriter:
     """Write ``rows`` vectors of ``dim`` into ``path`` (a ``.npy`` file of ``dtype``) in any order, through a
-    memory map whose dirty pages are flushed and released every ``drop_bytes`` written."""
+    memory map whose dirty pages are flushed and released every ``drop_bytes`` of pages touched (a row counts at
+    least a page: rows come in length-sorted order, scattered over the file)."""
 
     def __init__(self, path: Path, rows: int, dim: int, dtype: Any = np.float32, drop_bytes: int = 64 << 20):
         self.path = Path(path)
@@ -45,7 +47,9 @@ class ShardWriter:
     def write(self, positions: np.ndarray, vectors: np.ndarray) -> None:
         """``vectors[j]`` goes to row ``positions[j]`` (0-based in this shard), cast to the shard's dtype."""
         self._mm[positions] = np.asarray(vectors).astype(self._mm.dtype, copy=False)
-        self._pending += self._mm.itemsize * int(np.prod(np.shape(vectors)))
+        # pages made resident, not bytes: rows written in length-sorted (scattered) order each dirty a whole page
+        row = self._mm.itemsize * int(self._mm.shape[1])
+        self._pending += len(positions) * max(row, PAGE)
         if self._pending >= self._drop_bytes:
             drop_pages(self._mm)
             self._pending = 0
