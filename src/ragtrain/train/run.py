@@ -29,7 +29,9 @@ def main(argv=None, prog="train.py") -> int:
         cfg = load_config(args.config, overrides)
         from ragtrain.train.trainer import Trainer  # heavy imports after the config is known to be valid
 
-        result = Trainer(cfg).train()
+        trainer = Trainer(cfg)
+        result = trainer.train()
+        trainer.close()
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

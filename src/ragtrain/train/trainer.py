@@ -1060,6 +1060,16 @@ class Trainer:
         log.info("training curves: %s", path)
         return path
 
+    def close(self) -> None:
+        """End the job's process group (all ranks, after a barrier) so that no communication thread is still
+        running when the interpreter exits; ``train.py`` calls it once the run is done.  A no-op when no group was
+        started."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def export(self) -> Path:
         """``OUTPUT_DIR/final/{question_encoder,context_encoder,generator}`` (+ the live index), atomically."""
         acc = self.accelerator
