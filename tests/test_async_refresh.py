@@ -155,23 +155,10 @@ def _assert_same_run(out, straight):
 def test_sigkill_and_resume_equals_the_uninterrupted_run(async_run, tmp_path, name, at):
     """A real kill -9 of the training process (its encoding workers live on, orphaned): at step 5's swap, step
     3's refresh in flight, and as step 6 starts the next refresh; resumed from the step-4 checkpoint with train.py."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from test_resume import KILLER, ROOT
+    from test_resume import kill_and_resume
 
     out = tmp_path / "run"
-    script = KILLER.format(root=str(ROOT / "src"), tests=str(ROOT / "tests"), name=name, at=at, out=str(out),
-                           common=ASYNC)
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the straight run's reduction order
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(out, **ASYNC, resume="true")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    kill_and_resume(out, ASYNC, name, at)
     _assert_same_run(out, async_run[0].out)
 
 

@@ -126,17 +126,23 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(straight, tmp_path, nam
     """A real kill -9 (no cleanup, no exception handlers): mid-refresh at step 4, and between step 5's update
     and its logging."""
     out = tmp_path / "run"
+    kill_and_resume(out, COMMON, name, at)
+    _assert_same_run(out, straight)
+
+
+def kill_and_resume(out, common: dict, name: str, at: int) -> None:
+    """Run ``common`` in a subprocess that kill -9s itself on the ``at``-th call of ``Trainer.<name>``, then resume
+    it with ``train.py``."""
     script = KILLER.format(root=str(ROOT / "src"), tests=str(ROOT / "tests"), name=name, at=at, out=str(out),
-                           common=COMMON)
+                           common=common)
     # the same thread count as the in-process uninterrupted run: another one changes reduction order (1e-7 apart)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(out, **COMMON, resume="true")],
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_overrides(out, **common, resume="true")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_run(out, straight)
 
 
 def test_nan_stops_the_run_before_anything_nan_is_written(tmp_path):
