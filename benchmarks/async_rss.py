@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     write_json(out / "results.json", res)
     lines = ["# Peak RSS of the async-refresh encoding process", "", f"Command: `{res['command']}`  ",
              f"Machine: {machine_markdown(res['machine'])}  ", f"Wall {res['wall_s'] / 60:.1f} min.",
-             *([f"", f"**Note:** {args.note}"] if args.note else []), "",
+             *(["", f"**Note:** {args.note}"] if args.note else []), "",
              f"KB: {n:,} synthetic passages; tiny encoder of width {args.dim}; the N x d float32 matrix the worker "
              f"writes: {matrix_mb:.0f} MB. Increase = peak RSS minus the start-up run's.", "",
              md_table(["run", "peak RSS MB", "increase MB", "increase / matrix", "tokens", "wall s", "completed"],

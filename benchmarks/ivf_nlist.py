@@ -102,7 +102,7 @@ def write_report(res: dict, out: Path) -> None:
     lines = [f"# IVF list-count policies: per-query work at a fixed recall, {sizes[0]:,} -> {sizes[-1]:,} passages", "",
              f"Command: `{res['command']}`  ", f"Machine: {machine_markdown(res['machine'])}  ",
              f"Started {res['started']}; wall {res['wall_s'] / 60:.1f} min; nprobe tuned to {res['target']} of the "
-             "exact top-10 at build time (`nprobe=auto`).", *([f"", f"**Note:** {res['note']}"] if res["note"] else []),
+             "exact top-10 at build time (`nprobe=auto`).", *(["", f"**Note:** {res['note']}"] if res["note"] else []),
              "", "work = distances computed a query: scanned (in the probed lists) + quantizer (nlist, flat). "
              f"`nprobe` = the fewest lists that reach recall@10 >= {res['target']} on the benchmark's queries "
              "(bisected to the list); `auto` columns = what `nprobe=auto` chose at build time (a x1.5 grid, tuned "

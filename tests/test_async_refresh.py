@@ -122,7 +122,7 @@ def test_a_run_killed_while_a_refresh_is_in_flight_resumes_exactly(async_run, tm
     original = Trainer.save_checkpoint
 
     def crash_after_first_checkpoint(self, *a, **kw):
-        path = original(self, *a, **kw)
+        original(self, *a, **kw)
         raise Crash("killed right after the step-4 checkpoint, step 3's refresh in flight")
 
     monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_first_checkpoint)

@@ -98,6 +98,8 @@ class PassageTokens:
         """``(positions, input_ids, attention_mask)``, longest passages first (an out-of-memory shows at once)."""
         order = np.argsort(-self.lengths, kind="stable")
         mapped = isinstance(self.flat, np.memmap)  # ids loaded from a cache: keep its pages from piling up in RSS
+        if mapped:
+            from ragtrain.index.faiss_index import drop_pages
         read = 0
         for i in range(0, len(order), batch_size):
             pos = order[i: i + batch_size]
@@ -105,7 +107,5 @@ class PassageTokens:
             if mapped:  # pages touched, not bytes: the rows are scattered over the file, each at least a page
                 read += int(np.maximum(4 * self.lengths[pos], 4096).sum())
                 if read >= DROP_BYTES:
-                    from ragtrain.index.faiss_index import drop_pages
-
                     drop_pages(self.flat)
                     read = 0

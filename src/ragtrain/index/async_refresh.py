@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 SNAPSHOT_META = "ragtrain_snapshot.json"
 TOKENS_DIR = "tokens"  # OUTPUT_DIR/refresh/tokens/rows_<lo>_<hi>/: each worker's token ids, kept across refreshes
